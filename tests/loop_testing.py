@@ -1,0 +1,90 @@
+"""Shared helpers for the tests: run a program eagerly on CPU and compiled with xla_loop on
+the XLA device, compare, and count what torch_xla did (compiles, host transfers)."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+import torch_xla
+import torch_xla.debug.metrics as met
+
+
+def xla_device() -> torch.device:
+    return torch_xla.device()
+
+
+def to_device(tree: Any, device: torch.device | str) -> Any:
+    """Move every tensor of a pytree to `device`; non-tensors stay as they are."""
+    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
+
+
+def _prepare(fn: Callable, device: torch.device | str) -> Callable:
+    if isinstance(fn, torch.nn.Module):
+        return copy.deepcopy(fn).to(device)
+    return fn
+
+
+def assert_same(actual: Any, expected: Any, rtol: float | None = None, atol: float | None = None) -> None:
+    """Compare pytrees leaf by leaf: tensors on CPU with torch.testing, Python scalars exactly
+    (same type too: an int carry must come back as an int, not a tensor)."""
+    a_leaves, a_spec = pytree.tree_flatten(actual)
+    e_leaves, e_spec = pytree.tree_flatten(expected)
+    assert a_spec == e_spec, f"structure differs: {a_spec} vs {e_spec}"
+    for a, e in zip(a_leaves, e_leaves):
+        if isinstance(e, torch.Tensor):
+            assert isinstance(a, torch.Tensor), f"expected a tensor, got {type(a).__name__}: {a!r}"
+            assert a.dtype == e.dtype, f"dtype {a.dtype} vs {e.dtype}"
+            torch.testing.assert_close(a.cpu(), e, rtol=rtol, atol=atol, equal_nan=True)
+        else:
+            assert type(a) is type(e), f"expected {type(e).__name__} {e!r}, got {type(a).__name__} {a!r}"
+            assert a == e, f"{a!r} != {e!r}"
+
+
+def check_against_eager(
+    fn: Callable,
+    *args: Any,
+    dynamic: bool | None = None,
+    fullgraph: bool = True,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> tuple[Any, Any]:
+    """Run `fn(*args)` eagerly on CPU and compiled with backend="xla_loop" on the XLA device;
+    assert the results match. `fn` may be an nn.Module (copied to each device). Returns
+    (compiled result on CPU, eager result)."""
+    eager_fn = _prepare(fn, "cpu")
+    expected = eager_fn(*to_device(copy.deepcopy(args), "cpu"))
+    device = xla_device()
+    compiled = torch.compile(_prepare(fn, device), backend="xla_loop", fullgraph=fullgraph, dynamic=dynamic)
+    actual = to_device(compiled(*to_device(copy.deepcopy(args), device)), "cpu")
+    assert_same(actual, expected, rtol=rtol, atol=atol)
+    return actual, expected
+
+
+class MetricsDelta:
+    """Counts torch_xla did between entering and leaving the block: XLA compiles, executions,
+    and host transfers (`aten::_local_scalar_dense`, `TransferFromDeviceTime` samples)."""
+
+    def __enter__(self) -> "MetricsDelta":
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        torch_xla._XLAC._xla_wait_device_ops([])  # execution metrics land when it finishes
+        end = self._read()
+        for key, value in end.items():
+            setattr(self, key, value - self._start[key])
+
+    @staticmethod
+    def _read() -> dict[str, int]:
+        def samples(name: str) -> int:
+            data = met.metric_data(name)
+            return data[0] if data else 0
+
+        return {
+            "compiles": samples("CompileTime"),
+            "executions": samples("ExecuteTime"),
+            "local_scalar_dense": met.counter_value("aten::_local_scalar_dense") or 0,
+            "transfers_from_device": samples("TransferFromDeviceTime"),
+        }

@@ -1,0 +1,89 @@
+"""Backend entry: the `xla_loop` Dynamo backend, composed like torch's own backends.
+
+    xla_loop = aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph)
+
+`compile_graph` lowers the graph's loop nodes (`rewrite.lower_loops`) and hands the result
+to torch_xla's dynamo bridge, which traces it once into one cached XLA executable. A loop
+that cannot be lowered is an error under `fullgraph=True`; otherwise the graph runs eagerly
+on the XLA device with a warning that says why.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
+
+from ._device import select_default_device
+from .errors import LoopLoweringError
+from .fallback import install_eager_warning, warn_host_loop
+from .rewrite import LoweredGraph, lower_loops
+
+select_default_device()
+install_eager_warning()
+
+
+def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    """AOTAutograd graph compiler: lower loops, then compile with torch_xla's bridge."""
+    try:
+        lowered = lower_loops(gm)
+    except LoopLoweringError as error:
+        if _fullgraph_requested():
+            raise
+        warn_host_loop(f"could not lower a loop, so its graph runs eagerly ({error})")
+        return make_boxed_func(gm.forward)
+    return make_boxed_func(_BridgeCall(lowered))
+
+
+class _BridgeCall:
+    """Calls the graph through torch_xla's bridge, built on the first call (the bridge needs
+    real device inputs), and turns int results back into Python ints."""
+
+    def __init__(self, lowered: LoweredGraph):
+        self.lowered = lowered
+        self.compiled: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is None:
+            self.compiled = _extract_compiled_graph(self.lowered.module, args)
+        result = self.compiled(*args)
+        if not self.lowered.int_outputs:
+            return result
+        return _ints_at(result, self.lowered.int_outputs)
+
+
+def _extract_compiled_graph(gm: torch.fx.GraphModule, args: Sequence[Any]) -> Callable[..., Any]:
+    import torch_xla
+    from torch_xla._dynamo import dynamo_bridge
+
+    try:
+        return dynamo_bridge.extract_compiled_graph(gm, args)
+    except Exception:
+        # Drop what the failed trace left behind, so the next compile starts clean.
+        torch_xla._XLAC._clear_pending_irs(str(torch_xla.device()))
+        raise
+
+
+def _ints_at(result: Any, positions: list[int]) -> Any:
+    """One host read per int result, after the whole graph ran."""
+    single = not isinstance(result, (list, tuple))
+    values = [result] if single else list(result)
+    for i in positions:
+        values[i] = int(values[i].item())
+    return values[0] if single else type(result)(values) if isinstance(result, tuple) else values
+
+
+def _fullgraph_requested() -> bool:
+    """Whether the surrounding torch.compile call asked for fullgraph=True."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:
+        return False
+    return bool(getattr(tx, "one_graph", False) or getattr(tx, "error_on_graph_break", False))
+
+
+xla_loop = aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph)
+"""The Dynamo backend; `torch.compile(fn, backend="xla_loop")` finds it by entry point."""

@@ -1,0 +1,36 @@
+"""Errors raised when a loop cannot be lowered to one XLA While."""
+from __future__ import annotations
+
+import torch
+
+
+class LoopLoweringError(RuntimeError):
+    """A loop (while_loop, scan, ...) could not be lowered to an XLA While.
+
+    The message names the loop (kind and source location), the carry involved, and what
+    was expected versus what was found.
+    """
+
+
+def describe_value(value: object) -> str:
+    """A short description such as `f32[3, 4]`, `int`, or `tuple`."""
+    if isinstance(value, torch.Tensor):
+        dtype = str(value.dtype).replace("torch.", "")
+        return f"{dtype}[{', '.join(str(d) for d in value.shape)}]"
+    return type(value).__name__
+
+
+def loop_name(kind: str, node: torch.fx.Node | None) -> str:
+    """`while_loop at model.py:12` from the node's stack trace, or just the kind."""
+    trace = (node.meta.get("stack_trace") or "") if node is not None else ""
+    # The last "File ..., line N" entry of the stack is the user's call site.
+    for line in reversed(trace.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("File "):
+            parts = line.split(",")
+            path = parts[0][len('File "'):].strip('"')
+            if "torch/_higher_order_ops" in path:
+                continue
+            lineno = parts[1].strip().removeprefix("line ") if len(parts) > 1 else "?"
+            return f"{kind} at {path.rsplit('/', 1)[-1]}:{lineno}"
+    return kind

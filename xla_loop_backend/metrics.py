@@ -1,0 +1,28 @@
+"""xla_loop's own counters: loops lowered, subgraphs traced, host-loop fallbacks.
+
+They live here rather than in torch_xla's counter registry because torch_xla's dynamo
+bridge clears that registry while it partitions a graph (`metrics.clear_counters()` per
+node), which would erase them. Read torch_xla's metrics (compiles, executions,
+`aten::_local_scalar_dense`) from `torch_xla.debug.metrics` as usual.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+LOOPS_LOWERED = "loops_lowered"
+SUBGRAPHS_TRACED = "subgraphs_traced"
+HOST_LOOP_FALLBACKS = "host_loop_fallbacks"
+
+_counters: Counter[str] = Counter()
+
+
+def increment(name: str, amount: int = 1) -> None:
+    _counters[name] += amount
+
+
+def counter_value(name: str) -> int:
+    return _counters[name]
+
+
+def counters() -> dict[str, int]:
+    return dict(_counters)

@@ -1,0 +1,137 @@
+"""Graph rewrite: replace every loop node of an AOTAutograd graph by a call to its lowering.
+
+torch_xla's dynamo bridge cannot take a loop node (its subgraphs are `get_attr` modules,
+and its dense implementation is a host loop), so each top-level loop node becomes a plain
+named function that closes over the subgraph modules and calls the lowering rule. Loops
+nested in a subgraph are lowered when the enclosing subgraph is traced.
+
+Python int results of a loop stay 0-dim device tensors inside the graph; `LoweredGraph`
+records which graph outputs the caller expects as ints so they are read back once, at the
+end of the call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from .errors import LoopLoweringError, loop_name
+from .lowering import LOWERING_RULES
+from .lowering.subgraph import TensorScalarCall, is_symbolic_scalar
+
+# Loop-like higher-order ops this backend must lower; one with no rule yet is an error or a
+# warned fallback, never a silent host loop.
+LOOP_OPS = {"while_loop", "scan", "while_loop_stack_output", "associative_scan", "map_impl"}
+
+
+@dataclass
+class LoweredGraph:
+    """The rewritten graph, and the output positions to return as Python ints."""
+
+    module: torch.fx.GraphModule
+    num_loops: int
+    int_outputs: list[int] = field(default_factory=list)
+
+
+def find_loop_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and _is_loop_op(n.target)]
+
+
+def check_loops_supported(gm: torch.fx.GraphModule) -> None:
+    """Raise if `gm` (or any subgraph) holds a loop op that has no lowering rule."""
+    for module in gm.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in find_loop_nodes(module):
+            if node.target not in LOWERING_RULES:
+                raise LoopLoweringError(
+                    f"{loop_name(node.target.__name__, node)}: xla_loop has no lowering for "
+                    f"`torch.ops.higher_order.{node.target.__name__}` yet, so this loop cannot run "
+                    "as one XLA While."
+                )
+
+
+def lower_loops(gm: torch.fx.GraphModule) -> LoweredGraph:
+    """Replace the top-level loop nodes of `gm` in place; see the module docstring."""
+    check_loops_supported(gm)
+    loops = find_loop_nodes(gm)
+    if not loops:
+        return LoweredGraph(gm, 0)
+    device_scalars: set[torch.fx.Node] = set()
+    for index, node in enumerate(loops):
+        _replace_loop_node(gm, node, index, device_scalars)
+    _adapt_scalar_users(gm, device_scalars)
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = pytree.tree_leaves(output.args[0])
+    int_outputs = [
+        i for i, o in enumerate(outs) if isinstance(o, torch.fx.Node) and o in device_scalars
+    ]
+    return LoweredGraph(gm, len(loops), int_outputs)
+
+
+def _replace_loop_node(
+    gm: torch.fx.GraphModule, node: torch.fx.Node, index: int, device_scalars: set[torch.fx.Node]
+) -> None:
+    rule = LOWERING_RULES[node.target]
+    # Subgraph arguments are captured by the call; everything else stays a graph argument.
+    static = {
+        i: getattr(gm, a.target) for i, a in enumerate(node.args) if isinstance(a, torch.fx.Node) and a.op == "get_attr"
+    }
+    dynamic_args = tuple(a for i, a in enumerate(node.args) if i not in static)
+    num_args = len(node.args)
+
+    def call_lowered_loop(*args: Any) -> Any:
+        it = iter(args)
+        full = [static[i] if i in static else next(it) for i in range(num_args)]
+        return rule(node, *full)
+
+    # FX code generation names the target by __name__; keep it unique per loop.
+    call_lowered_loop.__name__ = f"xla_loop_{node.target.__name__}_{index}"
+    call_lowered_loop.__qualname__ = call_lowered_loop.__name__
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(call_lowered_loop, dynamic_args)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    for user in new.users:
+        if is_symbolic_scalar(user.meta.get("val")):
+            device_scalars.add(user)
+
+
+def _adapt_scalar_users(gm: torch.fx.GraphModule, device_scalars: set[torch.fx.Node]) -> None:
+    """Nodes downstream of a loop's int result see a device tensor where the graph has a
+    SymInt; route them through `TensorScalarCall` (which may make more device scalars)."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node in device_scalars:
+            continue
+        inputs = [a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, torch.fx.Node)]
+        if not any(a in device_scalars for a in inputs):
+            continue
+        node.target = _scalar_call(node)
+        if is_symbolic_scalar(node.meta.get("val")):
+            device_scalars.add(node)
+
+
+def _scalar_call(node: torch.fx.Node) -> Callable[..., Any]:
+    target = node.target
+    call = TensorScalarCall(node, "code after the loop")
+
+    def call_with_device_scalars(*args: Any, **kwargs: Any) -> Any:
+        return call(target, args, kwargs)
+
+    call_with_device_scalars.__name__ = f"xla_loop_scalar_{node.name}"
+    call_with_device_scalars.__qualname__ = call_with_device_scalars.__name__
+    return call_with_device_scalars
+
+
+def _is_loop_op(target: Any) -> bool:
+    return isinstance(target, torch._ops.HigherOrderOperator) and target.__name__ in LOOP_OPS
