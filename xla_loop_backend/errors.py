@@ -23,13 +23,13 @@ def describe_value(value: object) -> str:
 def loop_name(kind: str, node: torch.fx.Node | None) -> str:
     """`while_loop at model.py:12` from the node's stack trace, or just the kind."""
     trace = (node.meta.get("stack_trace") or "") if node is not None else ""
-    # The last "File ..., line N" entry of the stack is the user's call site.
+    # The innermost "File ..., line N" entry outside torch and this package is the user's call.
     for line in reversed(trace.strip().splitlines()):
         line = line.strip()
         if line.startswith("File "):
             parts = line.split(",")
             path = parts[0][len('File "'):].strip('"')
-            if "torch/_higher_order_ops" in path:
+            if "torch/_higher_order_ops" in path or "xla_loop_backend/" in path:
                 continue
             lineno = parts[1].strip().removeprefix("line ") if len(parts) > 1 else "?"
             return f"{kind} at {path.rsplit('/', 1)[-1]}:{lineno}"

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from .errors import LoopLoweringError, loop_name
 from .lowering import LOWERING_RULES
@@ -41,17 +42,38 @@ def find_loop_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 
 def check_loops_supported(gm: torch.fx.GraphModule) -> None:
-    """Raise if `gm` (or any subgraph) holds a loop op that has no lowering rule."""
+    """Raise, at compile time, for a loop xla_loop cannot lower: a loop op with no rule, or
+    a loop body whose shapes depend on data (XLA's While needs static shapes)."""
     for module in gm.modules():
         if not isinstance(module, torch.fx.GraphModule):
             continue
         for node in find_loop_nodes(module):
+            name = loop_name(node.target.__name__, node)
             if node.target not in LOWERING_RULES:
                 raise LoopLoweringError(
-                    f"{loop_name(node.target.__name__, node)}: xla_loop has no lowering for "
-                    f"`torch.ops.higher_order.{node.target.__name__}` yet, so this loop cannot run "
-                    "as one XLA While."
+                    f"{name}: xla_loop has no lowering for `torch.ops.higher_order."
+                    f"{node.target.__name__}` yet, so this loop cannot run as one XLA While."
                 )
+            for arg in node.args:
+                if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+                    _check_static_shapes(name, getattr(module, arg.target))
+
+
+def _check_static_shapes(loop: str, subgraph: torch.fx.GraphModule) -> None:
+    # Sizes fixed before the loop (even data-dependent ones) are the same every iteration.
+    known = set()
+    for node in subgraph.graph.nodes:
+        if node.op == "placeholder" and isinstance(node.meta.get("val"), torch.Tensor):
+            known |= free_unbacked_symbols(node.meta["val"].shape)
+    for node in subgraph.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and free_unbacked_symbols(val.shape) - known:
+            raise LoopLoweringError(
+                f"{loop}: `{node.format_node()}` inside the loop makes a tensor whose shape "
+                f"depends on data (found {tuple(val.shape)}); an XLA While needs every shape in "
+                "its body fixed at compile time. Keep shapes static inside the loop (e.g. use "
+                "torch.where with a mask instead of masked_select/nonzero)."
+            )
 
 
 def lower_loops(gm: torch.fx.GraphModule) -> LoweredGraph:
