@@ -31,28 +31,26 @@ def counts() -> tuple[int, int]:
     return (compiles[0] if compiles else 0), host_syncs + (transfers[0] if transfers else 0)
 
 
-def main() -> None:
-    device = torch_xla.device()
-    init_val = torch.tensor(3, device=device)
-    iteri = torch.tensor(10, device=device)
+def call_and_count(n: int, init_val: torch.Tensor) -> tuple[int, int, int]:
+    """Run the compiled loop for n iterations; return (result, compiles, host syncs)."""
+    iteri = torch.tensor(n, device=init_val.device)
     torch_xla.sync()  # inputs on the device before we start counting
     met.clear_all()
-
     _, res = count_up(iteri, init_val)
     torch_xla.sync()
     compiles, syncs = counts()
-    print(f"while_loop(iteri > 0, add(x, 1)) from x=3, iteri=10 -> {res.cpu().item()}")
-    print(f"first call: {compiles} XLA compile(s), {syncs} host sync(s)")
+    return res.cpu().item(), compiles, syncs
 
+
+def main() -> None:
+    init_val = torch.tensor(3, device=torch_xla.device())
+    result, compiles, syncs = call_and_count(10, init_val)
+    print(f"while_loop(iteri > 0, add(x, 1)) from x=3, iteri=10 -> {result}")
+    print(f"first call: {compiles} XLA compile(s), {syncs} host sync(s)")
     for n in (100, 10_000):
-        iteri = torch.tensor(n, device=device)
-        torch_xla.sync()
-        met.clear_all()
-        _, res = count_up(iteri, init_val)
-        torch_xla.sync()
-        compiles, syncs = counts()
+        result, compiles, syncs = call_and_count(n, init_val)
         print(f"iteri={n}: {compiles} XLA compile(s), {syncs} host sync(s) during the call")
-    print(f"result after 10000 iterations: {res.cpu().item()}")
+    print(f"result after 10000 iterations: {result}")
 
 
 if __name__ == "__main__":
