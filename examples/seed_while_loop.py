@@ -5,7 +5,7 @@ reads) for the first call and for calls with other trip counts.
 """
 import torch
 import torch_xla
-import torch_xla.debug.metrics as met
+from _measure import call_measured
 
 import xla_loop_backend  # noqa: F401  (not needed for the backend; sets PJRT_DEVICE=CPU if unset)
 from xla_loop_backend import while_loop
@@ -24,22 +24,10 @@ def count_up(iteri, x):
     return while_loop(cond_fn, body_fn, (iteri, x))
 
 
-def counts() -> tuple[int, int]:
-    compiles = met.metric_data("CompileTime")
-    host_syncs = met.counter_value("aten::_local_scalar_dense") or 0
-    transfers = met.metric_data("TransferFromDeviceTime")
-    return (compiles[0] if compiles else 0), host_syncs + (transfers[0] if transfers else 0)
-
-
 def call_and_count(n: int, init_val: torch.Tensor) -> tuple[int, int, int]:
     """Run the compiled loop for n iterations; return (result, compiles, host syncs)."""
-    iteri = torch.tensor(n, device=init_val.device)
-    torch_xla.sync()  # inputs on the device before we start counting
-    met.clear_all()
-    _, res = count_up(iteri, init_val)
-    torch_xla.sync()
-    compiles, syncs = counts()
-    return res.cpu().item(), compiles, syncs
+    (_, res), compiles, syncs = call_measured(count_up, torch.tensor(n, device=init_val.device), init_val)
+    return res.item(), compiles, syncs
 
 
 def main() -> None:

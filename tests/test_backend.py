@@ -9,11 +9,15 @@ import textwrap
 
 import pytest
 import torch
-from loop_testing import check_against_eager, xla_device
-from torch._higher_order_ops.scan import scan
+import torch_xla
+from loop_testing import MetricsDelta, check_against_eager, xla_device
+from torch._higher_order_ops.map import map as torch_map
+from torch._higher_order_ops.scan import scan as torch_scan
+from torch._higher_order_ops.while_loop import while_loop as torch_while_loop
 
 import xla_loop_backend
 from xla_loop_backend import LoopFallbackWarning, metrics, while_loop
+from xla_loop_backend.lowering import LOWERING_RULES
 
 
 def _run_python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -57,37 +61,96 @@ def test_pjrt_device_defaults_to_cpu():
     assert kept.stdout.strip() == "CPU"
 
 
-def _scan_program(init, xs):
-    def combine(carry, x):
-        nxt = carry + x
-        return nxt, nxt.clone()
-
-    return scan(combine, init, xs)
+def _map_program(xs, y):
+    return torch_map(lambda x, y: x * y + 1, xs, y)
 
 
-def test_loop_without_rule_is_an_error_under_fullgraph():
-    compiled = torch.compile(_scan_program, backend="xla_loop", fullgraph=True)
+@pytest.fixture
+def map_without_rule(monkeypatch):
+    """Pretend `map` has no lowering rule, to exercise the policy for loops xla_loop cannot lower."""
+    monkeypatch.delitem(LOWERING_RULES, torch.ops.higher_order.map_impl)
+
+
+def test_loop_without_rule_is_an_error_under_fullgraph(map_without_rule):
+    compiled = torch.compile(_map_program, backend="xla_loop", fullgraph=True)
     dev = xla_device()
-    with pytest.raises(Exception, match="no lowering for `torch.ops.higher_order.scan`"):
-        compiled(torch.zeros(3, device=dev), torch.ones(4, 3, device=dev))
+    with pytest.raises(Exception, match="no lowering for `torch.ops.higher_order.map_impl`"):
+        compiled(torch.ones(4, 3, device=dev), torch.ones(3, device=dev))
 
 
-def test_loop_without_rule_warns_and_still_computes_without_fullgraph():
+def test_loop_without_rule_warns_and_still_computes_without_fullgraph(map_without_rule):
     before = metrics.counter_value(metrics.HOST_LOOP_FALLBACKS)
-    with pytest.warns(LoopFallbackWarning, match="scan"):
-        check_against_eager(_scan_program, torch.zeros(3), torch.ones(4, 3), fullgraph=False)
+    with pytest.warns(LoopFallbackWarning, match="map_impl"):
+        check_against_eager(_map_program, torch.randn(4, 3), torch.randn(3), fullgraph=False)
     assert metrics.counter_value(metrics.HOST_LOOP_FALLBACKS) > before
 
 
-def test_eager_while_loop_on_xla_tensors_warns():
+def test_torch_while_loop_called_eagerly_on_xla_tensors_warns():
     dev = xla_device()
     with pytest.warns(LoopFallbackWarning, match="outside a compiled graph"):
-        i, x = xla_loop_backend.while_loop(
+        i, x = torch_while_loop(
             lambda i, x: i > 0, lambda i, x: (i - 1, x + 1), (torch.tensor(3, device=dev), torch.zeros(2, device=dev))
         )
     assert x.cpu().tolist() == [3.0, 3.0]
 
 
+def test_torch_scan_called_eagerly_on_xla_tensors_warns_that_it_unrolls():
+    dev = xla_device()
+    with pytest.warns(LoopFallbackWarning, match="unrolled"):
+        carry, ys = torch_scan(lambda c, x: (c + x, c * 2), torch.zeros(2, device=dev), torch.ones(3, 2, device=dev))
+    assert ys.cpu().tolist() == [[0.0, 0.0], [2.0, 2.0], [4.0, 4.0]]
+
+
+def test_xla_loop_while_loop_called_eagerly_on_xla_tensors_is_one_xla_while(recwarn):
+    dev = xla_device()
+    body = lambda i, x: (i - 1, x + 1)  # noqa: E731
+    for n in (7, 9):
+        start, x = torch.tensor(n, device=dev), torch.zeros(2, device=dev)
+        torch_xla.sync()
+        lowered = metrics.counter_value(metrics.LOOPS_LOWERED)
+        with MetricsDelta() as delta:
+            i, x = while_loop(lambda i, x: i > 0, body, (start, x))
+            torch_xla.sync()
+        assert x.cpu().tolist() == [float(n), float(n)]
+        assert metrics.counter_value(metrics.LOOPS_LOWERED) > lowered  # it compiled itself
+        assert delta.transfers_from_device == 0
+    assert delta.compiles == 0  # the second trip count reuses the first executable
+    assert not [w for w in recwarn if issubclass(w.category, LoopFallbackWarning)]
+
+
 def test_eager_while_loop_on_cpu_does_not_warn(recwarn):
     while_loop(lambda i, x: i > 0, lambda i, x: (i - 1, x + 1), (torch.tensor(3), torch.zeros(2)))
     assert not [w for w in recwarn if issubclass(w.category, LoopFallbackWarning)]
+
+
+def test_compile_decorator_bare_and_with_options():
+    @xla_loop_backend.compile
+    def bare(n, x):
+        return while_loop(lambda i, x: i > 0, lambda i, x: (i - 1, x * 2), (n, x))
+
+    @xla_loop_backend.compile(fullgraph=True, dynamic=False)
+    def configured(n, x):
+        return while_loop(lambda i, x: i > 0, lambda i, x: (i - 1, x * 2), (n, x))
+
+    dev = xla_device()
+    for fn in (bare, configured):
+        _, x = fn(torch.tensor(3, device=dev), torch.ones(2, device=dev))
+        assert x.cpu().tolist() == [8.0, 8.0]
+    assert bare.__name__ == "bare" and configured.__name__ == "configured"
+
+
+def test_compile_decorator_raises_the_loop_error_itself():
+    @xla_loop_backend.compile(fullgraph=True)
+    def bad(x):
+        return xla_loop_backend.fori_loop(0, 3, lambda i, c: torch.cat([c, c]), x, name="doubling")
+
+    with pytest.raises(xla_loop_backend.LoopLoweringError, match=r"fori_loop 'doubling'.*expected float32\[3\].*found float32\[6\]"):
+        bad(torch.ones(3, device=xla_device()))
+
+
+def test_compile_decorator_on_a_module_returns_torch_compiled_module():
+    module = torch.nn.Linear(3, 3).to(xla_device())
+    compiled = xla_loop_backend.compile(module)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    with torch.no_grad():
+        assert compiled(torch.ones(2, 3, device=xla_device())).shape == (2, 3)

@@ -3,8 +3,10 @@
     torch.compile(model, backend="xla_loop")     # no import needed (entry point)
     @xla_loop_backend.compile                     # the same, as a decorator
 
-while_loop (and, as they land, scan and what autograd makes of them) lower to one XLA
-While; the rest of the graph goes through torch_xla's openxla bridge.
+while_loop, scan (and torch's map) lower to one XLA While each; the rest of the graph goes
+through torch_xla's openxla bridge. `while_loop`, `scan` and `fori_loop` here are torch's
+loops with errors that name the loop and the carry, and they run as one While even when
+called outside torch.compile on XLA tensors.
 """
 from __future__ import annotations
 
@@ -12,9 +14,18 @@ from ._device import select_default_device
 
 select_default_device()
 
-from .api import while_loop  # noqa: E402
-from .backend import compile_graph, xla_loop  # noqa: E402
+from .api import fori_loop, scan, while_loop  # noqa: E402
+from .backend import compile, compile_graph, xla_loop  # noqa: E402
 from .fallback import LoopFallbackWarning  # noqa: E402
 from .errors import LoopLoweringError  # noqa: E402
 
-__all__ = ["xla_loop", "compile_graph", "while_loop", "LoopLoweringError", "LoopFallbackWarning"]
+__all__ = [
+    "compile",
+    "compile_graph",
+    "fori_loop",
+    "scan",
+    "while_loop",
+    "xla_loop",
+    "LoopFallbackWarning",
+    "LoopLoweringError",
+]

@@ -1,20 +1,25 @@
-"""User-facing loop functions: `while_loop` with clear errors for bad loops.
+"""User-facing loop functions: `while_loop`, `scan` and `fori_loop`, with clear errors.
 
-torch's own while_loop rejects a carry of the wrong type (a float, a string) with an empty
-AssertionError. This wrapper checks carries by their pytree path first, so the error names
-the loop, the carry, and what was expected vs found. Checks of what the body returns stay
-with torch (Dynamo reports them by carry position, with expected vs found): an exception
-raised inside a loop body while Dynamo traces it loses its message.
+Each checks its inputs and what its body returns by pytree path, so an error names the
+loop, the carry and what was expected vs found (torch's own checks report a flat position,
+or an empty AssertionError for a bad carry type). Then it calls torch's higher-order op, which
+`torch.compile(backend="xla_loop")` lowers to one XLA While.
+
+Called outside torch.compile on XLA tensors, each of them compiles itself with xla_loop
+(fullgraph), so an "eager" loop on the device is still one XLA While and not a Python loop
+with a host sync per iteration.
 """
 from __future__ import annotations
 
+import types
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.utils._pytree as pytree
+from torch._higher_order_ops.scan import scan as _torch_scan
 from torch._higher_order_ops.while_loop import while_loop as _torch_while_loop
 
-from .errors import LoopLoweringError, describe_value
+from .errors import describe_value, raise_loop_error, unwrap_loop_error
 
 Carries = Any  # a pytree (tuple/list/dict nesting) of tensors and Python ints
 
@@ -26,26 +31,259 @@ def while_loop(
     *,
     name: str | None = None,
 ) -> Any:
-    """`torch._higher_order_ops.while_loop` with checked carries.
+    """``while cond_fn(*carries): carries = body_fn(*carries)``; returns the final carries.
 
-    Runs ``while cond_fn(*carries): carries = body_fn(*carries)`` and returns the final
-    carries. Under ``torch.compile(backend="xla_loop")`` it becomes one XLA While.
-    `name` labels the loop in error messages (default: the body's name).
+    Carries are a tuple/list of pytrees of tensors and Python ints; the body must return
+    them with the same structure, shapes and dtypes (it may return a carry unchanged).
+    `name` labels the loop in errors (default: the body's name).
     """
-    loop = f"while_loop {name or getattr(body_fn, '__name__', 'body_fn')!r}"
+    loop = _loop_label("while_loop", name, body_fn)
     if not isinstance(carried_inputs, (tuple, list)):
-        raise LoopLoweringError(
-            f"{loop}: carried_inputs must be a tuple or list, found {describe_value(carried_inputs)}"
-        )
-    entries = _leaves_with_paths(carried_inputs)
-    for path, leaf in entries:
-        if not isinstance(leaf, (torch.Tensor, int, torch.SymInt)) or isinstance(leaf, bool):
-            raise LoopLoweringError(
-                f"{loop}: carry {path} must be a tensor or a Python int, found {describe_value(leaf)} ({leaf!r})"
+        raise_loop_error(f"{loop}: carried_inputs must be a tuple or list, found {describe_value(carried_inputs)}")
+    carried_inputs = tuple(carried_inputs)
+    _check_leaves(loop, "carry", "carried_inputs", carried_inputs, allow_ints=True)
+
+    def checked_cond(*carries: Any) -> Any:
+        pred = cond_fn(*carries)
+        if isinstance(pred, torch.Tensor) and (pred.dim() != 0 or pred.dtype != torch.bool):
+            raise_loop_error(f"{loop}: cond_fn must return a scalar bool tensor (bool[]) or a bool, found {describe_value(pred)}")
+        return pred
+
+    def checked_body(*carries: Any) -> Any:
+        new = body_fn(*carries)
+        if not isinstance(new, tuple):
+            new = tuple(new) if isinstance(new, list) else (new,)
+        _check_same_carries(loop, "body_fn", "carried_inputs", new, carries)
+        inputs = pytree.tree_leaves(carries)
+        return pytree.tree_map(lambda t: _copy_if_input(t, inputs), new)
+
+    return _on_device(_run_while_loop, checked_cond, checked_body, carried_inputs)
+
+
+def scan(
+    combine_fn: Callable[[Any, Any], tuple[Any, Any]],
+    init: Carries,
+    xs: Any,
+    *,
+    dim: int = 0,
+    reverse: bool = False,
+    name: str | None = None,
+) -> tuple[Any, Any]:
+    """``carry = init; for x in xs (along dim): carry, y = combine_fn(carry, x)``.
+
+    Returns (final carry, ys), each y leaf stacked along dim 0 (torch's convention). init
+    and xs are pytrees of tensors; every xs leaf must have the same length along `dim`.
+    combine_fn must return (carry, y) with the carry's structure, shapes and dtypes
+    unchanged; it may return its inputs as they are (they are copied, as torch's scan
+    rejects outputs that alias inputs). `reverse=True` scans from the end.
+    """
+    loop = _loop_label("scan", name, combine_fn)
+    _check_leaves(loop, "init", "init", init, allow_ints=False)
+    _check_leaves(loop, "xs", "xs", xs, allow_ints=False)
+    xs_leaves = _leaves_with_paths("xs", xs)
+    if not xs_leaves:
+        raise_loop_error(f"{loop}: xs must hold at least one tensor to scan over, found {xs!r}")
+    first_path, first = xs_leaves[0]
+    for path, x in xs_leaves:
+        if x.dim() <= dim or x.dim() < -dim:
+            raise_loop_error(f"{loop}: {path} has no dimension {dim} to scan over, found {describe_value(x)}")
+    length = first.shape[dim]
+    for path, x in xs_leaves[1:]:
+        if x.shape[dim] != length:
+            raise_loop_error(
+                f"{loop}: every xs must have the same length along dim {dim}: {first_path} has "
+                f"{length} ({describe_value(first)}), {path} has {x.shape[dim]} ({describe_value(x)})"
             )
-    return _torch_while_loop(cond_fn, body_fn, tuple(carried_inputs))
+    if length == 0:
+        raise_loop_error(f"{loop}: xs are empty along dim {dim} ({first_path} is {describe_value(first)}); nothing to scan")
+
+    def checked_combine(carry: Any, x: Any) -> Any:
+        out = combine_fn(carry, x)
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise_loop_error(
+                f"{loop}: combine_fn must return a pair (next carry, y), found {_structure(out)}"
+            )
+        _check_same_carries(loop, "combine_fn", "init", out[0], carry)
+        inputs = pytree.tree_leaves((carry, x))
+        return pytree.tree_map(lambda t: _copy_if_input(t, inputs), (out[0], out[1]))
+
+    return _on_device(_run_scan, checked_combine, init, xs, dim, reverse)
 
 
-def _leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
-    leaves, _ = pytree.tree_flatten_with_path(tuple(tree))
-    return [(f"carried_inputs{pytree.keystr(path)}", leaf) for path, leaf in leaves]
+def fori_loop(
+    lower: int | torch.Tensor,
+    upper: int | torch.Tensor,
+    body_fn: Callable[[torch.Tensor, Any], Any],
+    init: Carries,
+    *,
+    name: str | None = None,
+) -> Any:
+    """``carry = init; for i in range(lower, upper): carry = body_fn(i, carry)`` (JAX's meaning).
+
+    `i` reaches the body as a 0-dim int64 tensor. The carry is a pytree of tensors (Python
+    numbers in it become tensors); the body must keep its structure, shapes and dtypes.
+    With Python int bounds the trip count is static: the loop is a scan over the indices,
+    and XLA knows how often it runs. Tensor (or symbolic) bounds give a while_loop.
+    """
+    loop = _loop_label("fori_loop", name, body_fn)
+    init = _numbers_to_tensors(init)
+    _check_leaves(loop, "carry", "init", init, allow_ints=False)
+    leaves, spec = pytree.tree_flatten(init)
+    device = leaves[0].device if leaves else None
+
+    def step(i: torch.Tensor, carry_leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        carry = pytree.tree_unflatten(list(carry_leaves), spec)
+        new = body_fn(i, carry)
+        _check_same_carries(loop, "body_fn", "init", new, carry)
+        return [_copy_if_input(t, list(carry_leaves)) for t in pytree.tree_leaves(new)]
+
+    static = all(isinstance(b, int) and not isinstance(b, bool) for b in (lower, upper))
+    if static:
+        if upper <= lower or not leaves:
+            return init
+        final = _on_device(_run_static_fori, step, lower, upper, leaves)
+    else:
+        for what, bound in (("lower", lower), ("upper", upper)):
+            if isinstance(bound, torch.Tensor) and (bound.dim() != 0 or bound.is_floating_point() or bound.is_complex()):
+                raise_loop_error(f"{loop}: {what} bound must be an int or a 0-dim integer tensor, found {describe_value(bound)}")
+        final = _on_device(_run_dynamic_fori, step, lower, upper, leaves, device)
+    return pytree.tree_unflatten(list(final), spec)
+
+
+# The loop bodies below are what runs (eagerly, or traced by Dynamo); the functions above
+# only check and route.
+
+
+def _run_while_loop(cond_fn: Callable, body_fn: Callable, carried_inputs: tuple) -> Any:
+    return _torch_while_loop(cond_fn, body_fn, carried_inputs)
+
+
+def _run_scan(combine_fn: Callable, init: Any, xs: Any, dim: int, reverse: bool) -> Any:
+    return _torch_scan(combine_fn, init, xs, dim=dim, reverse=reverse)
+
+
+def _run_static_fori(step: Callable, lower: int, upper: int, leaves: list[torch.Tensor]) -> Any:
+    indices = torch.arange(lower, upper, dtype=torch.int64, device=leaves[0].device)
+    final, _ = _torch_scan(lambda carry, i: (step(i, carry), ()), leaves, indices)
+    return final
+
+
+def _run_dynamic_fori(step: Callable, lower: Any, upper: Any, leaves: list[torch.Tensor], device: Any) -> Any:
+    lower = _index_tensor(lower, device)
+    upper = _index_tensor(upper, device)
+
+    def body(i: torch.Tensor, *carry: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (i + 1, *step(i, carry))
+
+    _, *final = _torch_while_loop(lambda i, *carry: i < upper, body, (lower, *leaves))
+    return final
+
+
+def _index_tensor(bound: Any, device: Any) -> torch.Tensor:
+    if isinstance(bound, torch.Tensor):
+        return bound.to(dtype=torch.int64, device=device).clone()
+    return torch.full((), bound, dtype=torch.int64, device=device)
+
+
+def _on_device(run: Callable[..., Any], *args: Any) -> Any:
+    """Run `run(*args)`; outside torch.compile on XLA tensors, compile it with xla_loop first.
+
+    The compiled function gets a code object of its own, so Dynamo's cache for it (it
+    holds this call's closures) dies with the call instead of piling up. Outside
+    torch.compile, a LoopLoweringError comes out as itself, not wrapped by Dynamo.
+    """
+    if torch.compiler.is_compiling():
+        return run(*args)
+    try:
+        if not _on_xla(args):
+            return run(*args)
+        from .backend import xla_loop
+
+        code = run.__code__.replace()
+        fresh = types.FunctionType(code, run.__globals__, run.__name__, run.__defaults__, run.__closure__)
+        return torch.compile(fresh, backend=xla_loop, fullgraph=True)(*args)
+    except Exception as error:
+        cause = unwrap_loop_error(error)
+        if cause is not None and cause is not error:
+            raise cause from None
+        raise
+
+
+def _on_xla(tree: Any) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.device.type == "xla" for t in pytree.tree_leaves(tree))
+
+
+def _loop_label(kind: str, name: str | None, fn: Callable) -> str:
+    """`fori_loop 'euler_step' (sampler.py:12)`: the loop's kind, name and where its body is
+    (under torch.compile Dynamo appends the user's stack to errors instead)."""
+    # (Dynamo reports a nested function's __name__ as its qualified name: keep the last part.)
+    label = f"{kind} {name or getattr(fn, '__name__', type(fn).__name__).rsplit('.', 1)[-1]!r}"
+    code = getattr(fn, "__code__", None)
+    if code is not None and not torch.compiler.is_compiling():
+        label += f" ({code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno})"
+    return label
+
+
+def _numbers_to_tensors(tree: Any) -> Any:
+    """JAX-style: Python numbers in a carry become tensors (on the carry's device)."""
+    tensors = [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+    device = tensors[0].device if tensors else None
+
+    def convert(leaf: Any) -> Any:
+        if isinstance(leaf, (bool, int, float)):
+            return torch.tensor(leaf, device=device)
+        return leaf
+
+    return pytree.tree_map(convert, tree)
+
+
+def _leaves_with_paths(root: str, tree: Any) -> list[tuple[str, Any]]:
+    leaves, _ = pytree.tree_flatten_with_path(tree)
+    return [(f"{root}{pytree.keystr(path)}", leaf) for path, leaf in leaves]
+
+
+def _check_leaves(loop: str, what: str, root: str, tree: Any, *, allow_ints: bool) -> None:
+    expected = "a tensor or a Python int" if allow_ints else "a tensor"
+    for path, leaf in _leaves_with_paths(root, tree):
+        ok = isinstance(leaf, torch.Tensor) or (
+            allow_ints and isinstance(leaf, (int, torch.SymInt)) and not isinstance(leaf, bool)
+        )
+        if not ok:
+            raise_loop_error(f"{loop}: {what} {path} must be {expected}, found {describe_value(leaf)} ({leaf!r})")
+
+
+def _check_same_carries(loop: str, fn_name: str, root: str, found: Any, expected: Any) -> None:
+    """What a body returns must match the carries it took: structure, shapes, dtypes.
+
+    `expected` is what the body received (not the loop's inputs: a body that closed over
+    those would capture them as extra loop inputs)."""
+    found_leaves, found_spec = pytree.tree_flatten(found)
+    expected_leaves, expected_spec = pytree.tree_flatten(expected)
+    if found_spec != expected_spec:
+        raise_loop_error(
+            f"{loop}: {fn_name} must return carries structured like {root}: expected "
+            f"{_structure(expected)}, found {_structure(found)}"
+        )
+    for (path, want), got in zip(_leaves_with_paths(root, expected), found_leaves):
+        if isinstance(want, torch.Tensor):
+            if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+                raise_loop_error(
+                    f"{loop}: {fn_name} changes carry {path}: expected {describe_value(want)} "
+                    f"(as passed in), found {describe_value(got)}"
+                )
+        elif isinstance(got, torch.Tensor):
+            raise_loop_error(
+                f"{loop}: {fn_name} changes carry {path}: expected a Python int (as passed in), "
+                f"found {describe_value(got)}"
+            )
+
+
+def _copy_if_input(value: Any, inputs: list[Any]) -> Any:
+    if isinstance(value, torch.Tensor) and any(value is t for t in inputs):
+        return value.clone()
+    return value
+
+
+def _structure(tree: Any) -> str:
+    """A pytree with each leaf shown as its type, e.g. `{h: float32[3], n: int}`."""
+    return repr(pytree.tree_map(describe_value, tree)).replace("'", "")

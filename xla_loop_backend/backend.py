@@ -9,14 +9,15 @@ on the XLA device with a warning that says why.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import functools
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 from ._device import select_default_device
-from .errors import LoopLoweringError
+from .errors import LoopLoweringError, unwrap_loop_error
 from .fallback import install_eager_warning, warn_host_loop
 from .rewrite import LoweredGraph, lower_loops
 
@@ -87,3 +88,38 @@ def _fullgraph_requested() -> bool:
 
 xla_loop = aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph)
 """The Dynamo backend; `torch.compile(fn, backend="xla_loop")` finds it by entry point."""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def compile(  # noqa: A001 - mirrors torch.compile
+    fn: F | None = None,
+    *,
+    fullgraph: bool = False,
+    dynamic: bool | None = None,
+    **options: Any,
+) -> F | Callable[[F], F]:
+    """Decorator: ``torch.compile(fn, backend="xla_loop", ...)`` for loop-heavy functions.
+
+    Use bare (``@xla_loop_backend.compile``) or with torch.compile's options
+    (``@xla_loop_backend.compile(fullgraph=True, dynamic=False)``). A loop error surfaces
+    as the `LoopLoweringError` itself rather than wrapped in Dynamo's exceptions.
+    """
+    if fn is None:
+        return functools.partial(compile, fullgraph=fullgraph, dynamic=dynamic, **options)
+    compiled = torch.compile(fn, backend=xla_loop, fullgraph=fullgraph, dynamic=dynamic, **options)
+    if isinstance(fn, torch.nn.Module):
+        return compiled
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as error:
+            cause = unwrap_loop_error(error)
+            if cause is not None and cause is not error:
+                raise cause from None
+            raise
+
+    return run  # type: ignore[return-value]

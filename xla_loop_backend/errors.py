@@ -34,3 +34,24 @@ def loop_name(kind: str, node: torch.fx.Node | None) -> str:
             lineno = parts[1].strip().removeprefix("line ") if len(parts) > 1 else "?"
             return f"{kind} at {path.rsplit('/', 1)[-1]}:{lineno}"
     return kind
+
+
+@torch._dynamo.assume_constant_result
+def raise_loop_error(message: str) -> None:
+    """Raise LoopLoweringError(message), keeping the message when Dynamo is tracing.
+
+    Dynamo replaces an exception raised in traced code (a loop body, or a fullgraph
+    function) by its class alone, losing the message. A function it treats as a constant
+    runs for real at trace time, so the error and its message reach the user.
+    """
+    raise LoopLoweringError(message)
+
+
+def unwrap_loop_error(error: BaseException) -> LoopLoweringError | None:
+    """The LoopLoweringError behind a Dynamo/backend wrapper exception, if there is one."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, LoopLoweringError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -11,12 +11,15 @@ from typing import Any, Callable
 
 import torch
 
+from .scan import lower_map, lower_scan
 from .while_loop import lower_while_loop
 
 LoweringRule = Callable[..., Any]
 
 LOWERING_RULES: dict[Any, LoweringRule] = {
     torch.ops.higher_order.while_loop: lower_while_loop,
+    torch.ops.higher_order.scan: lower_scan,
+    torch.ops.higher_order.map_impl: lower_map,
 }
 
 __all__ = ["LOWERING_RULES", "LoweringRule"]
