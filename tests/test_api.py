@@ -3,6 +3,10 @@ eager CPU, eagerly and compiled; bad loops get errors naming the loop, the carry
 expected vs found; the process keeps working afterwards."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch_xla
@@ -58,6 +62,22 @@ def test_fori_loop_static_bounds_is_a_while_with_a_constant_trip_count():
     assert "s64[] constant(7)" in hlo
 
 
+def test_fori_loop_static_trip_count_is_known_to_xla(tmp_path):
+    # XLA's own analysis, read from its optimized HLO: the While is annotated with the count.
+    code = """
+import torch, torch_xla
+import xla_loop_backend as xl
+f = xl.compile(lambda x: xl.fori_loop(2, 9, lambda i, c: c * 0.5 + i, x), fullgraph=True)
+print(f(torch.ones(3, device=torch_xla.device())).cpu().tolist())
+"""
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "XLA_FLAGS": f"--xla_dump_to={tmp_path} --xla_dump_hlo_as_text"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    optimized = "".join(p.read_text() for p in tmp_path.glob("*after_optimizations.txt"))
+    assert optimized.count("known_trip_count") == 1
+    assert '"known_trip_count":{"n":"7"}' in optimized
+
+
 def test_fori_loop_tensor_bounds_reuse_one_executable_for_any_trip_count():
     compiled = torch.compile(_fori_tensor_bounds, backend="xla_loop", fullgraph=True)
     dev = xla_device()
@@ -71,6 +91,15 @@ def test_fori_loop_tensor_bounds_reuse_one_executable_for_any_trip_count():
             torch_xla.sync()
         assert delta.compiles == 0 and delta.transfers_from_device == 0 and delta.local_scalar_dense == 0
         assert out["steps"].item() == upper - 2
+
+
+def test_fori_loop_symbolic_int_bound_under_dynamic_shapes():
+    def f(h, n):
+        return fori_loop(0, n, lambda i, c: c * 0.5 + i, h)
+
+    compiled = torch.compile(f, backend="xla_loop", dynamic=True, fullgraph=True)
+    for n in (5, 9):
+        torch.testing.assert_close(compiled(torch.ones(2, device=xla_device()), n).cpu(), f(torch.ones(2), n))
 
 
 def test_fori_loop_called_eagerly_on_xla_tensors_runs_on_the_device():

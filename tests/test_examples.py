@@ -1,23 +1,65 @@
-"""The README's demo (examples/seed_while_loop.py) prints what the README promises."""
+"""The examples run from the README's environment, match eager PyTorch on CPU (each exits
+non-zero if not), and compile once: later calls compile nothing and never sync."""
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _run_examples(*names: str) -> dict[str, subprocess.CompletedProcess]:
+    """Run several examples at once (each is a separate process, mostly waiting on compiles)."""
+    env = {**os.environ, "PJRT_DEVICE": "CPU"}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(ROOT / "examples" / f"{name}.py")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for name in names
+    }
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=900)
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return results
+
+
 def test_seed_demo_output():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "seed_while_loop.py")],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PJRT_DEVICE": "CPU"},
-    )
+    result = _run_examples("seed_while_loop")["seed_while_loop"]
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
-    assert lines == [
+    assert result.stdout.splitlines() == [
         "while_loop(iteri > 0, add(x, 1)) from x=3, iteri=10 -> 13",
         "first call: 1 XLA compile(s), 0 host sync(s)",
         "iteri=100: 0 XLA compile(s), 0 host sync(s) during the call",
         "iteri=10000: 0 XLA compile(s), 0 host sync(s) during the call",
         "result after 10000 iterations: 10003",
     ]
+
+
+LOOP_EXAMPLES = {
+    # example: (number of results it compares, lines reporting compiles and syncs)
+    "gru_scan": (4, ["  first call: 1 XLA compile(s), 0 host sync(s)", "  new sequence: 0 XLA compile(s), 0 host sync(s)"]),
+    "cg_solver": (4, ["  call: 1 XLA compile(s), 0 host sync(s)", "  call: 0 XLA compile(s), 0 host sync(s)"]),
+    "diffusion_sampler": (2, ["  call: 1 XLA compile(s), 0 host sync(s)", "  call: 0 XLA compile(s), 0 host sync(s)"]),
+    "greedy_decode": (2, ["  call: 1 XLA compile(s), 0 host sync(s)", "  call: 0 XLA compile(s), 0 host sync(s)"]),
+}
+
+
+@pytest.fixture(scope="module")
+def example_runs():
+    return _run_examples(*LOOP_EXAMPLES)
+
+
+@pytest.mark.parametrize("name", sorted(LOOP_EXAMPLES))
+def test_example_matches_eager_and_compiles_once(name, example_runs):
+    result = example_runs[name]
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    comparisons, count_lines = LOOP_EXAMPLES[name]
+    matched = [line for line in lines if "(matches)" in line or "identical to" in line]
+    assert len(matched) == comparisons, result.stdout
+    assert not [line for line in lines if "DIFFERS" in line]
+    assert [line for line in lines if "compile(s)" in line] == count_lines

@@ -7,7 +7,6 @@ import re
 import pytest
 import torch
 import torch_xla
-import torch_xla.debug.metrics as met
 from loop_testing import MetricsDelta, check_against_eager, xla_device
 
 import xla_loop_backend
