@@ -48,9 +48,19 @@ LOOP_EXAMPLES = {
 }
 
 
+def test_training_example_matches_python_loop_gradients_and_learns(example_runs):
+    result = example_runs["train_stepper"]
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert len([line for line in lines if "(matches)" in line]) == 4, result.stdout
+    assert "  the loss decreased" in lines
+    compiles = next(line for line in lines if line.startswith("  XLA compiles:"))
+    assert compiles.endswith("n varying: 0"), compiles
+
+
 @pytest.fixture(scope="module")
 def example_runs():
-    return _run_examples(*LOOP_EXAMPLES)
+    return _run_examples(*LOOP_EXAMPLES, "train_stepper")
 
 
 @pytest.mark.parametrize("name", sorted(LOOP_EXAMPLES))

@@ -1,6 +1,10 @@
 """Backend entry: the `xla_loop` Dynamo backend, composed like torch's own backends.
 
-    xla_loop = aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph)
+    xla_loop(gm) = aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph)(
+                       prepare_for_autograd(gm, max_iterations))
+
+`prepare_for_autograd` (training only, `training.py`) turns while_loops that need
+gradients into bounded scans AOTAutograd can differentiate with static shapes.
 
 `compile_graph` lowers the graph's loop nodes (`rewrite.lower_loops`) and hands the result
 to torch_xla's dynamo bridge, which traces it once into one cached XLA executable. A loop
@@ -17,6 +21,7 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 from ._device import select_default_device
+from .training import check_bounds, prepare_for_autograd
 from .errors import LoopLoweringError, unwrap_loop_error
 from .fallback import install_eager_warning, warn_host_loop
 from .rewrite import LoweredGraph, lower_loops
@@ -86,8 +91,48 @@ def _fullgraph_requested() -> bool:
     return bool(getattr(tx, "one_graph", False) or getattr(tx, "error_on_graph_break", False))
 
 
-xla_loop = aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph)
-"""The Dynamo backend; `torch.compile(fn, backend="xla_loop")` finds it by entry point."""
+_aot_xla_loop = aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph)
+
+OPTIONS = {
+    "max_iterations": "bound on the trip count of while_loops trained through (int)",
+    "remat": "training: recompute loop steps in the backward, storing carries every k steps (True: k=sqrt(length), or k)",
+}
+
+
+def xla_loop(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, options: dict[str, Any] | None = None, mode: str | None = None
+) -> Callable[..., Any]:
+    """The Dynamo backend; `torch.compile(fn, backend="xla_loop")` finds it by entry point.
+
+    options (``torch.compile(..., options={...})``): `max_iterations`, the bound that
+    training through a while_loop needs (see `training`).
+    """
+    options = dict(options or {})
+    max_iterations = options.pop("max_iterations", None)
+    remat = options.pop("remat", False)
+    if options or mode not in (None, "default"):
+        raise ValueError(f"xla_loop: unknown options {sorted(options)} / mode {mode!r}; options are {OPTIONS}")
+    if max_iterations is not None and (not isinstance(max_iterations, int) or max_iterations < 1):
+        raise ValueError(f"xla_loop: max_iterations must be a positive int, found {max_iterations!r}")
+    if not isinstance(remat, (bool, int)) or (remat is not True and remat is not False and remat < 1):
+        raise ValueError(f"xla_loop: remat must be True, False or a positive int (steps per segment), found {remat!r}")
+    try:
+        bounded = prepare_for_autograd(gm, max_iterations, remat)
+    except LoopLoweringError as error:
+        if _fullgraph_requested():
+            raise
+        warn_host_loop(f"could not lower a loop, so its graph runs eagerly ({error})")
+        return gm.forward
+    compiled = _aot_xla_loop(bounded.module, example_inputs)
+    if not bounded.loops:
+        return compiled
+
+    def run_and_check_bounds(*args: Any) -> Any:
+        *outputs, exceeded = compiled(*args)
+        check_bounds(bounded.loops, max_iterations, exceeded)
+        return outputs
+
+    return run_and_check_bounds
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -98,16 +143,26 @@ def compile(  # noqa: A001 - mirrors torch.compile
     *,
     fullgraph: bool = False,
     dynamic: bool | None = None,
+    max_iterations: int | None = None,
+    remat: bool | int = False,
     **options: Any,
 ) -> F | Callable[[F], F]:
     """Decorator: ``torch.compile(fn, backend="xla_loop", ...)`` for loop-heavy functions.
 
     Use bare (``@xla_loop_backend.compile``) or with torch.compile's options
-    (``@xla_loop_backend.compile(fullgraph=True, dynamic=False)``). A loop error surfaces
+    (``@xla_loop_backend.compile(fullgraph=True, dynamic=False)``). `max_iterations` bounds
+    the trip count of while_loops trained through; `remat` trades compute for the memory of
+    stored loop carries (see `training`). A loop error surfaces
     as the `LoopLoweringError` itself rather than wrapped in Dynamo's exceptions.
     """
     if fn is None:
-        return functools.partial(compile, fullgraph=fullgraph, dynamic=dynamic, **options)
+        return functools.partial(
+            compile, fullgraph=fullgraph, dynamic=dynamic, max_iterations=max_iterations, remat=remat, **options
+        )
+    backend_options = {"max_iterations": max_iterations, "remat": remat}
+    backend_options = {k: v for k, v in backend_options.items() if v not in (None, False)}
+    if backend_options:
+        options["options"] = {**options.get("options", {}), **backend_options}
     compiled = torch.compile(fn, backend=xla_loop, fullgraph=fullgraph, dynamic=dynamic, **options)
     if isinstance(fn, torch.nn.Module):
         return compiled
