@@ -245,23 +245,42 @@ def test_optimizer_steps_reduce_the_loss_and_compile_once():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_while_loop_nested_in_a_trained_while_loop_is_a_clear_error():
-    class Nested(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(3))
+class NestedWhile(torch.nn.Module):
+    """A while_loop (n times) whose body runs a while_loop (m times)."""
 
-        def forward(self, n, x):
-            def inner(x):
-                return while_loop(lambda j, x: j < n, lambda j, x: (j + 1, x * self.w), (torch.zeros_like(n), x))[1]
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.9, 1.05, 0.8]))
+        self.b = torch.nn.Parameter(torch.tensor([0.1, -0.2, 0.05]))
 
-            return while_loop(lambda i, x: i < n, lambda i, x: (i + 1, inner(x)), (torch.zeros_like(n), x))[1].sum()
+    def forward(self, n, m, x, python=False):
+        if python:
+            for _ in range(int(n)):
+                for _ in range(int(m)):
+                    x = torch.tanh(x * self.w)
+                x = x + self.b
+            return x.pow(2).sum()
 
-    model = Nested().to(xla_device())
-    with pytest.raises(Exception, match="while_loop nested in another while_loop is not supported yet"):
-        xla_loop_backend.compile(model, fullgraph=True, max_iterations=4)(
-            torch.tensor(2, device=xla_device()), torch.ones(3, device=xla_device())
-        )
+        def inner(x):
+            start = torch.zeros((), dtype=torch.int64, device=x.device)
+            return while_loop(lambda j, x: j < m, lambda j, x: (j + 1, torch.tanh(x * self.w)), (start, x))[1]
+
+        start = torch.zeros((), dtype=torch.int64, device=x.device)
+        _, x = while_loop(lambda i, x: i < n, lambda i, x: (i + 1, inner(x) + self.b), (start, x))
+        return x.pow(2).sum()
+
+
+def test_while_loop_nested_in_a_trained_while_loop():
+    _train_step_against_python(NestedWhile, lambda: (torch.tensor(3), torch.tensor(4), torch.randn(3)), max_iterations=5)
+
+
+def test_inner_while_loop_exceeding_max_iterations_is_an_error():
+    model = NestedWhile().to(xla_device())
+    compiled = xla_loop_backend.compile(model, fullgraph=True, max_iterations=5)
+    dev = xla_device()
+    with pytest.raises(LoopLoweringError, match="still running after max_iterations=5"):
+        compiled(torch.tensor(2, device=dev), torch.tensor(7, device=dev), torch.randn(3, device=dev))
+    compiled(torch.tensor(2, device=dev), torch.tensor(5, device=dev), torch.randn(3, device=dev))
 
 
 @pytest.mark.parametrize("remat", [True, 5])
@@ -334,3 +353,23 @@ def test_gradients_for_inputs(fn, make_args):
     for i, (a, b) in enumerate(zip(dev, cpu)):
         if b.requires_grad:
             torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"input {i}: {m}")
+
+
+def test_buffers_that_require_grad():
+    class WithBuffer(ResidualStepper):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("shift", torch.linspace(-0.5, 0.5, 6).requires_grad_())
+
+        def step(self, x):
+            return x + 0.1 * torch.tanh(self.lin(x) + self.shift)
+
+    torch.manual_seed(0)
+    reference = WithBuffer()
+    model = copy.deepcopy(reference).to(xla_device())
+    model.shift = model.shift.detach().requires_grad_()  # a leaf on the device, as a user would make it
+    args = (torch.tensor(5), torch.randn(4, 6))
+    reference(*args, python=True).backward()
+    xla_loop_backend.compile(model, fullgraph=True, max_iterations=8)(*[a.to(xla_device()) for a in args]).backward()
+    torch.testing.assert_close(model.shift.grad.cpu(), reference.shift.grad, rtol=1e-4, atol=1e-4)
+    _assert_grads_close(_grads(model), _grads(reference))

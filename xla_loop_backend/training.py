@@ -20,8 +20,9 @@ above the real trip counts wastes compute; the results and gradients are exact.
 
 The rewritten graph returns one more output: whether some loop was still going after
 `max_iterations` steps. The backend reads it once per call (not per iteration) and raises.
-torch 2.9's scan autograd cannot take int or bool carries (it asserts), so the scan keeps
-them as float64 (exact up to 2**53) and the step casts them back.
+while_loops inside the body are bounded the same way, and report running out through the
+enclosing loop. torch 2.9's scan autograd cannot take int or bool carries (it asserts), so
+the scan keeps them as float64 (exact up to 2**53) and the step casts them back.
 
 2. Rematerialization (option `remat`): scan's autograd stores the carries of every step.
 With `remat=k` (or True for k = sqrt(length)), a scan of length T runs as a scan over T/k
@@ -135,14 +136,15 @@ def _replace(
     cond_node, body_node, carries, extras = node.args
     cond_gm, body_gm = getattr(gm, cond_node.target), getattr(gm, body_node.target)
     for i, carry in enumerate(carries):
-        value = carry.meta.get("example_value") if isinstance(carry, torch.fx.Node) else carry
+        value = carry.meta.get("example_value", carry.meta.get("val")) if isinstance(carry, torch.fx.Node) else carry
         if not isinstance(value, torch.Tensor):
             raise LoopLoweringError(
                 f"{name}: training through a while_loop needs tensor carries; carry {i} is "
                 f"{describe_value(value)} (make it a 0-dim tensor)"
             )
-    _check_no_nested_while(name, cond_gm, body_gm)
-    run = _masked_scan(cond_gm, body_gm, len(carries), max_iterations, remat)
+    _check_no_while_in(name, cond_gm)
+    body_reports_overflow = _bound_inner_loops(body_gm, max_iterations, remat)
+    run = _masked_scan(cond_gm, body_gm, len(carries), max_iterations, remat, body_reports_overflow)
     run.__name__ = f"xla_loop_bounded_while_{node.name}"
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(run, (*carries, *extras))
@@ -156,22 +158,42 @@ def _replace(
     return flag
 
 
-def _check_no_nested_while(name: str, *subgraphs: torch.fx.GraphModule) -> None:
-    for sub in subgraphs:
-        for module in sub.modules():
-            if isinstance(module, torch.fx.GraphModule) and any(
-                n.op == "call_function" and n.target is _WHILE for n in module.graph.nodes
-            ):
-                raise LoopLoweringError(
-                    f"{name}: training through a while_loop nested in another while_loop is not "
-                    "supported yet; write the inner loop as a scan or fori_loop with int bounds"
-                )
+def _check_no_while_in(name: str, cond_gm: torch.fx.GraphModule) -> None:
+    for module in cond_gm.modules():
+        if isinstance(module, torch.fx.GraphModule) and any(
+            n.op == "call_function" and n.target is _WHILE for n in module.graph.nodes
+        ):
+            raise LoopLoweringError(
+                f"{name}: training through a while_loop whose cond runs another while_loop is "
+                "not supported; compute the condition in the body and carry it"
+            )
+
+
+def _bound_inner_loops(body_gm: torch.fx.GraphModule, max_iterations: int, remat: bool | int) -> bool:
+    """Bound the while_loops inside a bounded loop's body (they run under autograd too);
+    if there are any, the body returns one more output: whether one ran out of steps."""
+    nodes = [n for n in body_gm.graph.nodes if n.op == "call_function" and n.target is _WHILE]
+    if not nodes:
+        return False
+    flags = [_replace(body_gm, n, loop_name("while_loop", n), max_iterations, remat) for n in nodes]
+    _return_flag(body_gm, flags)
+    body_gm.graph.lint()
+    body_gm.recompile()
+    return True
 
 
 def _masked_scan(
-    cond_gm: torch.fx.GraphModule, body_gm: torch.fx.GraphModule, num_carries: int, max_iterations: int, remat: bool | int
+    cond_gm: torch.fx.GraphModule,
+    body_gm: torch.fx.GraphModule,
+    num_carries: int,
+    max_iterations: int,
+    remat: bool | int,
+    body_reports_overflow: bool = False,
 ) -> Callable[..., tuple[torch.Tensor, ...]]:
-    """The while_loop as `max_iterations` masked scan steps: returns (*carries, exceeded)."""
+    """The while_loop as `max_iterations` masked scan steps: returns (*carries, exceeded).
+
+    The scan's state is (active, inner loop ran out, *carries); both flags are float (0/1)
+    for torch's scan autograd."""
 
     def run(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         carries, extras = args[:num_carries], args[num_carries:]
@@ -180,22 +202,26 @@ def _masked_scan(
         device = carries[0].device
 
         def step(*state: torch.Tensor) -> list[torch.Tensor]:
-            # state: (active, *stored carries, step index, *extras)
-            active = state[0] > 0
-            current = [_unstore(c, dtype) for c, dtype in zip(state[1 : 1 + num_carries], dtypes)]
-            extras = state[2 + num_carries :]
+            # state: (active, inner ran out, *stored carries, step index, *extras)
+            active, inner_exceeded = state[0] > 0, state[1].clone()  # (no output may alias an input)
+            current = [_unstore(c, dtype) for c, dtype in zip(state[2 : 2 + num_carries], dtypes)]
+            extras = state[3 + num_carries :]
             running = active & _scalar_bool(cond_gm(*current, *extras))
             new = body_gm(*current, *extras)
-            new = new if isinstance(new, (tuple, list)) else (new,)
+            new = list(new) if isinstance(new, (tuple, list)) else [new]
+            if body_reports_overflow:
+                inner = new.pop()
+                inner_exceeded = torch.maximum(inner_exceeded, (running & inner).to(torch.float32))
             kept = [torch.where(running, n, c) for n, c in zip(new, current)]
-            return [running.to(torch.float32), *(_store(c, None) for c in kept)]
+            return [running.to(torch.float32), inner_exceeded, *(_store(c, None) for c in kept)]
 
         active = torch.ones((), dtype=torch.float32, device=device)
+        inner_exceeded = torch.zeros((), dtype=torch.float32, device=device)
         stored = [_store(c, reference) for c in carries]
         steps = torch.arange(max_iterations, device=device)
-        out = scan_in_segments(step, [active, *stored], [steps], tuple(extras), remat)
-        final = [_unstore(c, dtype) for c, dtype in zip(out[1 : 1 + num_carries], dtypes)]
-        exceeded = (out[0] > 0) & _scalar_bool(cond_gm(*final, *extras))
+        out = scan_in_segments(step, [active, inner_exceeded, *stored], [steps], tuple(extras), remat)
+        final = [_unstore(c, dtype) for c, dtype in zip(out[2 : 2 + num_carries], dtypes)]
+        exceeded = ((out[0] > 0) & _scalar_bool(cond_gm(*final, *extras))) | (out[1] > 0)
         return (*final, exceeded)
 
     return run
