@@ -207,8 +207,7 @@ def test_exceeding_max_iterations_is_an_error_then_the_process_still_works():
 def test_training_through_while_loop_without_a_bound():
     model = ResidualStepper().to(xla_device())
     args = (torch.tensor(3, device=xla_device()), torch.randn(4, 6, device=xla_device()))
-    # (On a module, the decorator returns torch's compiled module: the error comes wrapped.)
-    with pytest.raises(Exception, match=r"while_loop at test_training.py:\d+: training through a while_loop needs a bound .* max_iterations=N"):
+    with pytest.raises(LoopLoweringError, match=r"while_loop at test_training.py:\d+: training through a while_loop needs a bound .* max_iterations=N"):
         xla_loop_backend.compile(model, fullgraph=True)(*args)
     with pytest.warns(LoopFallbackWarning, match="needs a bound"):
         loss = torch.compile(model, backend="xla_loop")(*args)

@@ -165,16 +165,23 @@ def compile(  # noqa: A001 - mirrors torch.compile
         options["options"] = {**options.get("options", {}), **backend_options}
     compiled = torch.compile(fn, backend=xla_loop, fullgraph=fullgraph, dynamic=dynamic, **options)
     if isinstance(fn, torch.nn.Module):
+        # torch's compiled module; its forward is the compiled call, so unwrap errors there.
+        compiled.forward = _raising_loop_errors(compiled.forward)
         return compiled
+    return functools.wraps(fn)(_raising_loop_errors(compiled))  # type: ignore[return-value]
 
-    @functools.wraps(fn)
+
+def _raising_loop_errors(call: Callable[..., Any]) -> Callable[..., Any]:
+    """`call`, raising a LoopLoweringError itself rather than wrapped by Dynamo."""
+
+    @functools.wraps(call)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
-            return compiled(*args, **kwargs)
+            return call(*args, **kwargs)
         except Exception as error:
             cause = unwrap_loop_error(error)
             if cause is not None and cause is not error:
                 raise cause from None
             raise
 
-    return run  # type: ignore[return-value]
+    return run
