@@ -26,6 +26,20 @@ def _prepare(fn: Callable, device: torch.device | str) -> Callable:
     return fn
 
 
+class Closure(torch.nn.Module):
+    """A loop function with captured tensors, registered as buffers so they move with the
+    module to each device: `Closure(fn, w=...)(*args)` calls `fn(module, *args)`."""
+
+    def __init__(self, fn: Callable, **tensors: torch.Tensor):
+        super().__init__()
+        self.fn = fn
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(self, *args)
+
+
 def assert_same(actual: Any, expected: Any, rtol: float | None = None, atol: float | None = None) -> None:
     """Compare pytrees leaf by leaf: tensors on CPU with torch.testing, Python scalars exactly
     (same type too: an int carry must come back as an int, not a tensor)."""

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 import torch_xla
-from loop_testing import MetricsDelta, check_against_eager, xla_device
+from loop_testing import Closure, MetricsDelta, check_against_eager, xla_device
 from torch._higher_order_ops.map import map as torch_map
 from torch._higher_order_ops.scan import scan
 from torch._higher_order_ops.while_loop import while_loop
@@ -27,19 +27,6 @@ def cumulative(init, xs):
         return new, new.clone()
 
     return scan(step, init, xs)
-
-
-class Closure(torch.nn.Module):
-    """A loop function with captured tensors (moved with the module to each device)."""
-
-    def __init__(self, fn, **tensors):
-        super().__init__()
-        self.fn = fn
-        for name, t in tensors.items():
-            self.register_buffer(name, t)
-
-    def forward(self, *args):
-        return self.fn(self, *args)
 
 
 # ---- results ------------------------------------------------------------------------------

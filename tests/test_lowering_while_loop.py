@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 import torch_xla
-from loop_testing import MetricsDelta, check_against_eager, xla_device
+from loop_testing import Closure, MetricsDelta, check_against_eager, xla_device
 
 import xla_loop_backend
 from xla_loop_backend import while_loop
@@ -17,19 +17,6 @@ from xla_loop_backend import metrics
 
 def countdown(n, x):
     return while_loop(lambda i, x: i > 0, lambda i, x: (i - 1, torch.add(x, 1)), (n, x))
-
-
-class Closure(torch.nn.Module):
-    """Wraps a loop function with captured tensors (moved with the module to each device)."""
-
-    def __init__(self, fn, **tensors):
-        super().__init__()
-        self.fn = fn
-        for name, t in tensors.items():
-            self.register_buffer(name, t)
-
-    def forward(self, *args):
-        return self.fn(self, *args)
 
 
 # ---- the seed example and counters --------------------------------------------------------

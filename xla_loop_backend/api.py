@@ -19,7 +19,7 @@ import torch.utils._pytree as pytree
 from torch._higher_order_ops.scan import scan as _torch_scan
 from torch._higher_order_ops.while_loop import while_loop as _torch_while_loop
 
-from .errors import describe_value, raise_loop_error, unwrap_loop_error
+from .errors import describe_value, raise_loop_error, raising_loop_errors
 
 Carries = Any  # a pytree (tuple/list/dict nesting) of tensors and Python ints
 
@@ -194,19 +194,13 @@ def _on_device(run: Callable[..., Any], *args: Any) -> Any:
     """
     if torch.compiler.is_compiling():
         return run(*args)
-    try:
-        if not _on_xla(args):
-            return run(*args)
-        from .backend import xla_loop
+    if not _on_xla(args):
+        return raising_loop_errors(run)(*args)
+    from .backend import xla_loop
 
-        code = run.__code__.replace()
-        fresh = types.FunctionType(code, run.__globals__, run.__name__, run.__defaults__, run.__closure__)
-        return torch.compile(fresh, backend=xla_loop, fullgraph=True)(*args)
-    except Exception as error:
-        cause = unwrap_loop_error(error)
-        if cause is not None and cause is not error:
-            raise cause from None
-        raise
+    code = run.__code__.replace()
+    fresh = types.FunctionType(code, run.__globals__, run.__name__, run.__defaults__, run.__closure__)
+    return raising_loop_errors(torch.compile(fresh, backend=xla_loop, fullgraph=True))(*args)
 
 
 def _on_xla(tree: Any) -> bool:

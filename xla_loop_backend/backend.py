@@ -22,7 +22,7 @@ from torch._dynamo.backends.common import aot_autograd
 
 from ._device import select_default_device
 from .training import check_bounds, prepare_for_autograd
-from .errors import LoopLoweringError, unwrap_loop_error
+from .errors import LoopLoweringError, raising_loop_errors
 from .fallback import install_eager_warning, warn_host_loop
 from .rewrite import LoweredGraph, lower_loops
 
@@ -166,22 +166,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     compiled = torch.compile(fn, backend=xla_loop, fullgraph=fullgraph, dynamic=dynamic, **options)
     if isinstance(fn, torch.nn.Module):
         # torch's compiled module; its forward is the compiled call, so unwrap errors there.
-        compiled.forward = _raising_loop_errors(compiled.forward)
+        compiled.forward = raising_loop_errors(compiled.forward)
         return compiled
-    return functools.wraps(fn)(_raising_loop_errors(compiled))  # type: ignore[return-value]
+    return functools.wraps(fn)(raising_loop_errors(compiled))  # type: ignore[return-value]
 
-
-def _raising_loop_errors(call: Callable[..., Any]) -> Callable[..., Any]:
-    """`call`, raising a LoopLoweringError itself rather than wrapped by Dynamo."""
-
-    @functools.wraps(call)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return call(*args, **kwargs)
-        except Exception as error:
-            cause = unwrap_loop_error(error)
-            if cause is not None and cause is not error:
-                raise cause from None
-            raise
-
-    return run

@@ -1,6 +1,9 @@
 """Errors raised when a loop cannot be lowered to one XLA While."""
 from __future__ import annotations
 
+import functools
+from typing import Any, Callable
+
 import torch
 
 
@@ -55,3 +58,19 @@ def unwrap_loop_error(error: BaseException) -> LoopLoweringError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def raising_loop_errors(call: Callable[..., Any]) -> Callable[..., Any]:
+    """`call`, raising a LoopLoweringError itself rather than wrapped by Dynamo."""
+
+    @functools.wraps(call)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except Exception as error:
+            cause = unwrap_loop_error(error)
+            if cause is not None and cause is not error:
+                raise cause from None
+            raise
+
+    return run
