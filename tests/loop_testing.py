@@ -81,6 +81,7 @@ class MetricsDelta:
     and host transfers (`aten::_local_scalar_dense`, `TransferFromDeviceTime` samples)."""
 
     def __enter__(self) -> "MetricsDelta":
+        torch_xla._XLAC._xla_wait_device_ops([])  # what ran before lands before the start
         self._start = self._read()
         return self
 

@@ -19,7 +19,8 @@ import torch.utils._pytree as pytree
 from torch._higher_order_ops.scan import scan as _torch_scan
 from torch._higher_order_ops.while_loop import while_loop as _torch_while_loop
 
-from .errors import describe_value, raise_loop_error, raising_loop_errors
+from .errors import describe_value, raise_loop_error, raising_loop_errors, traced_loop, tracing_loop
+from .tracing import call_checked, reject_constant_condition
 
 Carries = Any  # a pytree (tuple/list/dict nesting) of tensors and Python ints
 
@@ -40,24 +41,26 @@ def while_loop(
     loop = _loop_label("while_loop", name, body_fn)
     if not isinstance(carried_inputs, (tuple, list)):
         raise_loop_error(f"{loop}: carried_inputs must be a tuple or list, found {describe_value(carried_inputs)}")
-    carried_inputs = tuple(carried_inputs)
+    carried_inputs = pytree.tree_map(_dense, tuple(carried_inputs))
     _check_leaves(loop, "carry", "carried_inputs", carried_inputs, allow_ints=True)
+    paths = _tensor_paths("carried_inputs", carried_inputs)
 
     def checked_cond(*carries: Any) -> Any:
-        pred = cond_fn(*carries)
+        pred = call_checked(loop, "cond_fn", paths, cond_fn, *carries)
         if isinstance(pred, torch.Tensor) and (pred.dim() != 0 or pred.dtype != torch.bool):
             raise_loop_error(f"{loop}: cond_fn must return a scalar bool tensor (bool[]) or a bool, found {describe_value(pred)}")
+        reject_constant_condition(loop, pred)
         return pred
 
     def checked_body(*carries: Any) -> Any:
-        new = body_fn(*carries)
+        new = call_checked(loop, "body_fn", paths, body_fn, *carries)
         if not isinstance(new, tuple):
             new = tuple(new) if isinstance(new, list) else (new,)
         _check_same_carries(loop, "body_fn", "carried_inputs", new, carries)
         inputs = pytree.tree_leaves(carries)
-        return pytree.tree_map(lambda t: _copy_if_input(t, inputs), new)
+        return pytree.tree_map(lambda t: _as_new_carry(t, inputs), new)
 
-    return _on_device(_run_while_loop, checked_cond, checked_body, carried_inputs)
+    return _on_device(_run_while_loop, loop, checked_cond, checked_body, carried_inputs)
 
 
 def scan(
@@ -97,17 +100,19 @@ def scan(
     if length == 0:
         raise_loop_error(f"{loop}: xs are empty along dim {dim} ({first_path} is {describe_value(first)}); nothing to scan")
 
+    paths = _tensor_paths("init", init) + _tensor_paths("xs", xs)
+
     def checked_combine(carry: Any, x: Any) -> Any:
-        out = combine_fn(carry, x)
+        out = call_checked(loop, "combine_fn", paths, combine_fn, carry, x)
         if not isinstance(out, (tuple, list)) or len(out) != 2:
             raise_loop_error(
                 f"{loop}: combine_fn must return a pair (next carry, y), found {_structure(out)}"
             )
         _check_same_carries(loop, "combine_fn", "init", out[0], carry)
         inputs = pytree.tree_leaves((carry, x))
-        return pytree.tree_map(lambda t: _copy_if_input(t, inputs), (out[0], out[1]))
+        return pytree.tree_map(lambda t: _as_new_carry(t, inputs), (out[0], out[1]))
 
-    return _on_device(_run_scan, checked_combine, init, xs, dim, reverse)
+    return _on_device(_run_scan, loop, checked_combine, pytree.tree_map(_dense, init), xs, dim, reverse)
 
 
 def fori_loop(
@@ -128,25 +133,26 @@ def fori_loop(
     loop = _loop_label("fori_loop", name, body_fn)
     init = _numbers_to_tensors(init)
     _check_leaves(loop, "carry", "init", init, allow_ints=False)
-    leaves, spec = pytree.tree_flatten(init)
+    leaves, spec = pytree.tree_flatten(pytree.tree_map(_dense, init))
     device = leaves[0].device if leaves else None
+    paths = ["the loop index"] + _tensor_paths("init", init)
 
     def step(i: torch.Tensor, carry_leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         carry = pytree.tree_unflatten(list(carry_leaves), spec)
-        new = body_fn(i, carry)
+        new = call_checked(loop, "body_fn", paths, body_fn, i, carry)
         _check_same_carries(loop, "body_fn", "init", new, carry)
-        return [_copy_if_input(t, list(carry_leaves)) for t in pytree.tree_leaves(new)]
+        return [_as_new_carry(t, list(carry_leaves)) for t in pytree.tree_leaves(new)]
 
     static = all(isinstance(b, int) and not isinstance(b, bool) for b in (lower, upper))
     if static:
         if upper <= lower or not leaves:
             return init
-        final = _on_device(_run_static_fori, step, lower, upper, leaves)
+        final = _on_device(_run_static_fori, loop, step, lower, upper, leaves)
     else:
         for what, bound in (("lower", lower), ("upper", upper)):
             if isinstance(bound, torch.Tensor) and (bound.dim() != 0 or bound.is_floating_point() or bound.is_complex()):
                 raise_loop_error(f"{loop}: {what} bound must be an int or a 0-dim integer tensor, found {describe_value(bound)}")
-        final = _on_device(_run_dynamic_fori, step, lower, upper, leaves, device)
+        final = _on_device(_run_dynamic_fori, loop, step, lower, upper, leaves, device)
     return pytree.tree_unflatten(list(final), spec)
 
 
@@ -154,21 +160,33 @@ def fori_loop(
 # only check and route.
 
 
-def _run_while_loop(cond_fn: Callable, body_fn: Callable, carried_inputs: tuple) -> Any:
-    return _torch_while_loop(cond_fn, body_fn, carried_inputs)
+# Each marks the loop it traces (`tracing_loop`), so an error Dynamo raises inside names it.
 
 
-def _run_scan(combine_fn: Callable, init: Any, xs: Any, dim: int, reverse: bool) -> Any:
-    return _torch_scan(combine_fn, init, xs, dim=dim, reverse=reverse)
+def _run_while_loop(loop: str, cond_fn: Callable, body_fn: Callable, carried_inputs: tuple) -> Any:
+    tracing_loop(loop)
+    out = _torch_while_loop(cond_fn, body_fn, carried_inputs)
+    traced_loop(loop)
+    return out
 
 
-def _run_static_fori(step: Callable, lower: int, upper: int, leaves: list[torch.Tensor]) -> Any:
+def _run_scan(loop: str, combine_fn: Callable, init: Any, xs: Any, dim: int, reverse: bool) -> Any:
+    tracing_loop(loop)
+    out = _torch_scan(combine_fn, init, xs, dim=dim, reverse=reverse)
+    traced_loop(loop)
+    return out
+
+
+def _run_static_fori(loop: str, step: Callable, lower: int, upper: int, leaves: list[torch.Tensor]) -> Any:
+    tracing_loop(loop)
     indices = torch.arange(lower, upper, dtype=torch.int64, device=leaves[0].device)
     final, _ = _torch_scan(lambda carry, i: (step(i, carry), ()), leaves, indices)
+    traced_loop(loop)
     return final
 
 
-def _run_dynamic_fori(step: Callable, lower: Any, upper: Any, leaves: list[torch.Tensor], device: Any) -> Any:
+def _run_dynamic_fori(loop: str, step: Callable, lower: Any, upper: Any, leaves: list[torch.Tensor], device: Any) -> Any:
+    tracing_loop(loop)
     lower = _index_tensor(lower, device)
     upper = _index_tensor(upper, device)
 
@@ -176,6 +194,7 @@ def _run_dynamic_fori(step: Callable, lower: Any, upper: Any, leaves: list[torch
         return (i + 1, *step(i, carry))
 
     _, *final = _torch_while_loop(lambda i, *carry: i < upper, body, (lower, *leaves))
+    traced_loop(loop)
     return final
 
 
@@ -231,6 +250,10 @@ def _numbers_to_tensors(tree: Any) -> Any:
     return pytree.tree_map(convert, tree)
 
 
+def _tensor_paths(root: str, tree: Any) -> list[str]:
+    return [path for path, leaf in _leaves_with_paths(root, tree) if isinstance(leaf, torch.Tensor)]
+
+
 def _leaves_with_paths(root: str, tree: Any) -> list[tuple[str, Any]]:
     leaves, _ = pytree.tree_flatten_with_path(tree)
     return [(f"{root}{pytree.keystr(path)}", leaf) for path, leaf in leaves]
@@ -272,10 +295,18 @@ def _check_same_carries(loop: str, fn_name: str, root: str, found: Any, expected
             )
 
 
-def _copy_if_input(value: Any, inputs: list[Any]) -> Any:
-    if isinstance(value, torch.Tensor) and any(value is t for t in inputs):
-        return value.clone()
-    return value
+def _as_new_carry(value: Any, inputs: list[Any]) -> Any:
+    """What a body returns, as torch's loop ops take it: dense (an `expand` or a transpose
+    has other strides than the carry it replaces, which they reject) and not one of the
+    body's inputs (they reject aliasing)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = _dense(value)
+    return value.clone() if any(value is t for t in inputs) else value
+
+
+def _dense(value: Any) -> Any:
+    return value.contiguous() if isinstance(value, torch.Tensor) and not value.is_contiguous() else value
 
 
 def _structure(tree: Any) -> str:

@@ -1,10 +1,12 @@
 """Backend entry: the `xla_loop` Dynamo backend, composed like torch's own backends.
 
     xla_loop(gm) = aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph)(
-                       prepare_for_autograd(gm, max_iterations))
+                       bound_while_loops(prepare_for_autograd(gm)))
 
 `prepare_for_autograd` (training only, `training.py`) turns while_loops that need
-gradients into bounded scans AOTAutograd can differentiate with static shapes.
+gradients into bounded scans AOTAutograd can differentiate with static shapes. With
+`max_iterations`, `bound_while_loops` (`bounds.py`) stops the other while_loops after that
+many iterations; the call then raises instead of running forever.
 
 `compile_graph` lowers the graph's loop nodes (`rewrite.lower_loops`) and hands the result
 to torch_xla's dynamo bridge, which traces it once into one cached XLA executable. A loop
@@ -21,10 +23,13 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 from ._device import select_default_device
-from .training import check_bounds, prepare_for_autograd
+from .aliasing import unalias_loop_operands
+from .bounds import bound_while_loops, check_bounds, returning_flags
+from .training import prepare_for_autograd
 from .errors import LoopLoweringError, raising_loop_errors
 from .fallback import install_eager_warning, warn_host_loop
 from .rewrite import LoweredGraph, lower_loops
+from .workarounds import apply_workarounds
 
 select_default_device()
 install_eager_warning()
@@ -33,6 +38,7 @@ install_eager_warning()
 def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
     """AOTAutograd graph compiler: lower loops, then compile with torch_xla's bridge."""
     try:
+        apply_workarounds(gm)
         lowered = lower_loops(gm)
     except LoopLoweringError as error:
         if _fullgraph_requested():
@@ -64,11 +70,29 @@ def _extract_compiled_graph(gm: torch.fx.GraphModule, args: Sequence[Any]) -> Ca
     from torch_xla._dynamo import dynamo_bridge
 
     try:
-        return dynamo_bridge.extract_compiled_graph(gm, args)
+        return dynamo_bridge.extract_compiled_graph(gm, _private_scalars(args))
     except Exception:
         # Drop what the failed trace left behind, so the next compile starts clean.
         torch_xla._XLAC._clear_pending_irs(str(torch_xla.device()))
         raise
+
+
+def _private_scalars(args: Sequence[Any]) -> list[Any]:
+    """The args, with each 0-dim XLA tensor copied into a buffer of its own.
+
+    torch_xla keeps one device buffer per scalar constant value, and `torch.tensor(3).to(xla)`
+    may hand out that same buffer. Traced with such an input, the bridge cannot tell the
+    input from the constant 3 in the graph, and the executable bakes in the first call's
+    value: every later call silently reuses it (seen with openxla too; the fuzzer found it).
+    Tracing with private copies keeps the input an input; later calls take it by position.
+    """
+    import torch_xla
+
+    copies = [a.clone() if isinstance(a, torch.Tensor) and a.device.type == "xla" and a.dim() == 0 else a for a in args]
+    fresh = [c for c, a in zip(copies, args) if c is not a]
+    if fresh:
+        torch_xla._XLAC._xla_sync_multi(fresh, [], wait=True)
+    return copies
 
 
 def _ints_at(result: Any, positions: list[int]) -> Any:
@@ -94,7 +118,7 @@ def _fullgraph_requested() -> bool:
 _aot_xla_loop = aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph)
 
 OPTIONS = {
-    "max_iterations": "bound on the trip count of while_loops trained through (int)",
+    "max_iterations": "bound on the trip count of while_loops (int): required to train through one; a loop that runs out raises",
     "remat": "training: recompute loop steps in the backward, storing carries every k steps (True: k=sqrt(length), or k)",
 }
 
@@ -104,8 +128,9 @@ def xla_loop(
 ) -> Callable[..., Any]:
     """The Dynamo backend; `torch.compile(fn, backend="xla_loop")` finds it by entry point.
 
-    options (``torch.compile(..., options={...})``): `max_iterations`, the bound that
-    training through a while_loop needs (see `training`).
+    options (``torch.compile(..., options={...})``): `max_iterations`, a bound on every
+    while_loop's trip count (needed to train through one; see `bounds`, `training`), and
+    `remat`.
     """
     options = dict(options or {})
     max_iterations = options.pop("max_iterations", None)
@@ -116,8 +141,12 @@ def xla_loop(
         raise ValueError(f"xla_loop: max_iterations must be a positive int, found {max_iterations!r}")
     if not isinstance(remat, (bool, int)) or (remat is not True and remat is not False and remat < 1):
         raise ValueError(f"xla_loop: remat must be True, False or a positive int (steps per segment), found {remat!r}")
+    unalias_loop_operands(gm)
     try:
-        bounded = prepare_for_autograd(gm, max_iterations, remat)
+        flags = prepare_for_autograd(gm, max_iterations, remat)
+        if max_iterations is not None:
+            flags += bound_while_loops(gm, max_iterations)
+        bounded = returning_flags(gm, flags)
     except LoopLoweringError as error:
         if _fullgraph_requested():
             raise
@@ -151,7 +180,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
 
     Use bare (``@xla_loop_backend.compile``) or with torch.compile's options
     (``@xla_loop_backend.compile(fullgraph=True, dynamic=False)``). `max_iterations` bounds
-    the trip count of while_loops trained through; `remat` trades compute for the memory of
+    the trip count of while_loops (a loop that runs out raises; training through a
+    while_loop needs it); `remat` trades compute for the memory of
     stored loop carries (see `training`). A loop error surfaces
     as the `LoopLoweringError` itself rather than wrapped in Dynamo's exceptions.
     """

@@ -40,54 +40,36 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.fx
 from torch._higher_order_ops.scan import scan_op
 
+from .bounds import Flag, requiring_grad, return_flag
 from .errors import LoopLoweringError, describe_value, loop_name
 
 _WHILE = torch.ops.higher_order.while_loop
 
 
-@dataclass
-class BoundedGraph:
-    """The rewritten graph, and the loops whose overflow flag it returns last (if any)."""
-
-    module: torch.fx.GraphModule
-    loops: list[str] = field(default_factory=list)
-
-
-def prepare_for_autograd(
-    gm: torch.fx.GraphModule, max_iterations: int | None, remat: bool | int = False
-) -> BoundedGraph:
-    """Rewrite, in place, the loops of a Dynamo graph that need gradients (see above)."""
+def prepare_for_autograd(gm: torch.fx.GraphModule, max_iterations: int | None, remat: bool | int = False) -> list[Flag]:
+    """Rewrite, in place, the loops of a Dynamo graph that need gradients (see above);
+    returns the "ran out" flags of the bounded while_loops, for `bounds.returning_flags`."""
     if not torch.is_grad_enabled():
-        return BoundedGraph(gm)
+        return []
     _fix_scan_carries(gm)
     if remat:
         _segment_scans(gm, remat)
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _WHILE and _needs_grad(n)]
-    if not nodes:
-        gm.recompile()
-        return BoundedGraph(gm)
     names = [loop_name("while_loop", n) for n in nodes]
-    if max_iterations is None:
+    if nodes and max_iterations is None:
         raise LoopLoweringError(
             f"{names[0]}: training through a while_loop needs a bound on its trip count, so "
             "that XLA can store each iteration's carries for the backward pass in static "
             "shapes; compile with xla_loop_backend.compile(..., max_iterations=N) or "
             "torch.compile(..., backend='xla_loop', options={'max_iterations': N})"
         )
-    flags = []
-    for node, name in zip(nodes, names):
-        flags.append(_replace(gm, node, name, max_iterations, remat))
-    _return_flag(gm, flags)
-    gm.graph.lint()
-    gm.recompile()
-    return BoundedGraph(gm, names)
+    return [(name, _replace(gm, node, name, max_iterations, remat)) for node, name in zip(nodes, names)]
 
 
 def _example(node: Any) -> Any:
@@ -118,16 +100,10 @@ def _fix_scan_carries(gm: torch.fx.GraphModule) -> None:
             value = _example(carry)
             if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.requires_grad:
                 with gm.graph.inserting_before(node):
-                    carry = gm.graph.call_function(_requiring_grad, (carry, reference))
+                    carry = gm.graph.call_function(requiring_grad, (carry, reference))
                 carry.meta["example_value"] = value
             fixed.append(carry)
         node.args = (combine, fixed, xs, extras)
-
-
-def _requiring_grad(carry: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """`carry`, linked to `reference` with an exactly zero gradient so it requires grad."""
-    never = torch.zeros((), dtype=torch.bool, device=carry.device)
-    return torch.where(never, reference.flatten()[0].to(carry.dtype), carry)
 
 
 def _replace(
@@ -176,7 +152,7 @@ def _bound_inner_loops(body_gm: torch.fx.GraphModule, max_iterations: int, remat
     if not nodes:
         return False
     flags = [_replace(body_gm, n, loop_name("while_loop", n), max_iterations, remat) for n in nodes]
-    _return_flag(body_gm, flags)
+    return_flag(body_gm, flags)
     body_gm.graph.lint()
     body_gm.recompile()
     return True
@@ -294,7 +270,7 @@ def _store(carry: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
     if not carry.is_floating_point():
         return carry.to(torch.float64)
     if reference is not None and not carry.requires_grad:
-        return _requiring_grad(carry, reference)
+        return requiring_grad(carry, reference)
     return carry
 
 
@@ -304,22 +280,3 @@ def _unstore(stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _scalar_bool(pred: Any) -> torch.Tensor:
     return pred if isinstance(pred, torch.Tensor) else torch.tensor(bool(pred))
-
-
-def _return_flag(gm: torch.fx.GraphModule, flags: Sequence[torch.fx.Node]) -> None:
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    with gm.graph.inserting_before(output):
-        flag = flags[0]
-        for other in flags[1:]:
-            flag = gm.graph.call_function(operator.or_, (flag, other))
-    outs = output.args[0]
-    output.args = ((*outs, flag),) if isinstance(outs, (tuple, list)) else ((outs, flag),)
-
-
-def check_bounds(loops: list[str], max_iterations: int, exceeded: torch.Tensor) -> None:
-    """Raise if a bounded while_loop was still going after `max_iterations` steps."""
-    if bool(exceeded.item()):
-        raise LoopLoweringError(
-            f"{' or '.join(loops)}: still running after max_iterations={max_iterations} "
-            "iterations; its results and gradients would be wrong. Raise max_iterations."
-        )
