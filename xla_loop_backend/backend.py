@@ -77,21 +77,27 @@ def _extract_compiled_graph(gm: torch.fx.GraphModule, args: Sequence[Any]) -> Ca
         raise
 
 
+_PLACEHOLDER = 1  # what scalar inputs hold while the bridge traces (a loop bound of 1 ends)
+
+
 def _private_scalars(args: Sequence[Any]) -> list[Any]:
-    """The args, with each 0-dim XLA tensor copied into a buffer of its own.
+    """The args, each 0-dim XLA tensor replaced by a placeholder in a buffer of its own.
 
     torch_xla keeps one device buffer per scalar constant value, and `torch.tensor(3).to(xla)`
     may hand out that same buffer. Traced with such an input, the bridge cannot tell the
     input from the constant 3 in the graph, and the executable bakes in the first call's
     value: every later call silently reuses it (seen with openxla too; the fuzzer found it).
-    Tracing with private copies keeps the input an input; later calls take it by position.
+    Tracing with a private buffer keeps the input an input (a host-to-device copy, which
+    torch_xla does not cache); every call, the first too, then takes the real value by position.
     """
     import torch_xla
 
-    copies = [a.clone() if isinstance(a, torch.Tensor) and a.device.type == "xla" and a.dim() == 0 else a for a in args]
-    fresh = [c for c, a in zip(copies, args) if c is not a]
-    if fresh:
-        torch_xla._XLAC._xla_sync_multi(fresh, [], wait=True)
+    copies = list(args)
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.device.type == "xla" and a.dim() == 0:
+            # Tracing does not read the value; a new buffer costs no sync and no compile.
+            placeholder = torch.full((), _PLACEHOLDER, dtype=a.dtype)
+            (copies[i],) = torch_xla._XLAC._xla_tensors_from_aten([placeholder], [str(a.device)])
     return copies
 
 
