@@ -94,18 +94,19 @@ def _bound_scan_body(gm: torch.fx.GraphModule, node: torch.fx.Node, max_iteratio
 
     run.__name__ = f"xla_loop_flagged_{node.name}"
     num_outputs = len(node.meta["example_value"])
-    return _replace_with(gm, node, run, (*init, *xs, *extras), num_outputs, [combine_node], inner[0], None)
+    return _replace_with(gm, node, run, (*init, *xs, *extras), num_outputs, [combine_node], inner, None)
 
 
-def _bound_in_body(body_gm: torch.fx.GraphModule, max_iterations: int) -> Flag | None:
-    """Bound the loops in a loop body; if there are any, the body returns their flag last."""
+def _bound_in_body(body_gm: torch.fx.GraphModule, max_iterations: int) -> str | None:
+    """Bound the loops in a loop body; if there are any, the body returns their flag last
+    and this returns their names."""
     flags = bound_while_loops(body_gm, max_iterations)
     if not flags:
         return None
     return_flag(body_gm, [flag for _, flag in flags])
     body_gm.graph.lint()
     body_gm.recompile()
-    return " or ".join(name for name, _ in flags), flags[0][1]
+    return " or ".join(name for name, _ in flags)
 
 
 def _replace_with(
@@ -116,7 +117,7 @@ def _replace_with(
     flag_index: int,
     subgraphs: Sequence[torch.fx.Node],
     name: str,
-    inner: Flag | None,
+    inner: str | None,
 ) -> Flag:
     """Replace the loop node by `run(*args)`, whose outputs are the node's, then the flag."""
     with gm.graph.inserting_before(node):
@@ -128,7 +129,7 @@ def _replace_with(
     for sub in subgraphs:
         if not sub.users:
             gm.graph.erase_node(sub)
-    return (name if inner is None else f"{name} (or a while_loop inside it: {inner[0]})"), flag
+    return (name if inner is None else f"{name} (or a while_loop inside it: {inner})"), flag
 
 
 def _counted_while(
@@ -144,7 +145,7 @@ def _counted_while(
         skip = len(state)
 
         def cond(*args: Any) -> torch.Tensor:
-            return (args[0] < max_iterations) & _scalar_bool(cond_gm(*args[skip:]))
+            return (args[0] < max_iterations) & scalar_bool(cond_gm(*args[skip:]))
 
         def body(*args: Any) -> tuple[Any, ...]:
             out = list(_as_tuple(body_gm(*args[skip:])))
@@ -155,7 +156,7 @@ def _counted_while(
 
         result = while_loop_op(cond, body, (*state, *carries), tuple(extras))
         count, final = result[0], result[skip:]
-        ran_out = (count >= max_iterations) & _scalar_bool(cond_gm(*final, *extras))
+        ran_out = (count >= max_iterations) & scalar_bool(cond_gm(*final, *extras))
         if reports:
             ran_out = ran_out | result[1]
         return (*final, ran_out)
@@ -177,7 +178,8 @@ def _as_tuple(value: Any) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
-def _scalar_bool(pred: Any) -> torch.Tensor:
+def scalar_bool(pred: Any) -> torch.Tensor:
+    """A cond's result as a bool tensor (a traced cond may return a Python bool)."""
     return pred if isinstance(pred, torch.Tensor) else torch.tensor(bool(pred))
 
 

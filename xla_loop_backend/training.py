@@ -46,7 +46,7 @@ import torch
 import torch.fx
 from torch._higher_order_ops.scan import scan_op
 
-from .bounds import Flag, requiring_grad, return_flag
+from .bounds import Flag, requiring_grad, return_flag, scalar_bool
 from .errors import LoopLoweringError, describe_value, loop_name
 
 _WHILE = torch.ops.higher_order.while_loop
@@ -182,7 +182,7 @@ def _masked_scan(
             active, inner_exceeded = state[0] > 0, state[1].clone()  # (no output may alias an input)
             current = [_unstore(c, dtype) for c, dtype in zip(state[2 : 2 + num_carries], dtypes)]
             extras = state[3 + num_carries :]
-            running = active & _scalar_bool(cond_gm(*current, *extras))
+            running = active & scalar_bool(cond_gm(*current, *extras))
             new = body_gm(*current, *extras)
             new = list(new) if isinstance(new, (tuple, list)) else [new]
             if body_reports_overflow:
@@ -197,7 +197,7 @@ def _masked_scan(
         steps = torch.arange(max_iterations, device=device)
         out = scan_in_segments(step, [active, inner_exceeded, *stored], [steps], tuple(extras), remat)
         final = [_unstore(c, dtype) for c, dtype in zip(out[2 : 2 + num_carries], dtypes)]
-        exceeded = ((out[0] > 0) & _scalar_bool(cond_gm(*final, *extras))) | (out[1] > 0)
+        exceeded = ((out[0] > 0) & scalar_bool(cond_gm(*final, *extras))) | (out[1] > 0)
         return (*final, exceeded)
 
     return run
@@ -276,7 +276,3 @@ def _store(carry: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
 
 def _unstore(stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return stored if stored.dtype == dtype else stored.to(dtype)
-
-
-def _scalar_bool(pred: Any) -> torch.Tensor:
-    return pred if isinstance(pred, torch.Tensor) else torch.tensor(bool(pred))
