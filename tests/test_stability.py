@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import linecache
 
+import pytest
 import torch
 import torch_xla
 from loop_testing import to_device, xla_device
@@ -84,6 +85,12 @@ def _rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+# Known failure, kept running so it says when it is fixed: measured 169 MB of growth over
+# cycles 100..500 (about 0.4 MB per compile). A capped XLA compilation cache
+# (XLA_COMPILATION_CACHE_SIZE=16) grows the same, so it is not cached executables.
+# tracemalloc finds ~0.2 MB per compile of Python objects in Dynamo's guards, which outlive
+# the compiled functions between resets; the rest is native and not yet traced.
+@pytest.mark.xfail(strict=True, reason="host memory grows ~0.4 MB per compile (Dynamo guards + native); not yet fixed")
 def test_hundreds_of_compile_run_cycles_keep_memory_bounded_and_results_right():
     first = []
     baseline = None
