@@ -3,7 +3,8 @@
 Each cycle compiles a new loop function (its own code and constants, so Dynamo traces it
 and XLA compiles it anew) and checks its result against the plain Python loop on CPU;
 Dynamo's caches are reset every so often, as a long-lived process might. Host memory
-must stop growing once the process is warm, and nothing cached earlier may change a
+should stop growing once the process is warm (it does not yet: the test then reports an
+xfail with the growth it measured), and nothing cached earlier may change a
 later result: the loops compiled first are run again at the end, both the old compiled
 functions (after resets) and fresh compiles of the same source.
 """
@@ -85,12 +86,6 @@ def _rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-# Known failure, kept running so it says when it is fixed: measured 169 MB of growth over
-# cycles 100..500 (about 0.4 MB per compile). A capped XLA compilation cache
-# (XLA_COMPILATION_CACHE_SIZE=16) grows the same, so it is not cached executables.
-# tracemalloc finds ~0.2 MB per compile of Python objects in Dynamo's guards, which outlive
-# the compiled functions between resets; the rest is native and not yet traced.
-@pytest.mark.xfail(strict=True, reason="host memory grows ~0.4 MB per compile (Dynamo guards + native); not yet fixed")
 def test_hundreds_of_compile_run_cycles_keep_memory_bounded_and_results_right():
     first = []
     baseline = None
@@ -109,10 +104,15 @@ def test_hundreds_of_compile_run_cycles_keep_memory_bounded_and_results_right():
     gc.collect()
     growth = _rss_mb() - baseline
     print(f"RSS growth over cycles {WARM_UP}..{CYCLES}: {growth:.0f} MB")  # noqa: T201
-    assert growth < MAX_GROWTH_MB, f"host memory grew {growth:.0f} MB over {CYCLES - WARM_UP} compile/run cycles"
     # Nothing stale: the first loops, both as compiled then (their caches reset since) and
     # compiled again now, still give the right results.
     for compiled, source, cycle in first:
         _run_and_check(compiled, source, cycle)
         fresh = torch.compile(_function(source, xla_loop_backend), backend="xla_loop", fullgraph=True)
         _run_and_check(fresh, source, cycle)
+    if growth >= MAX_GROWTH_MB:
+        # Known, not yet fixed (measured 169 MB): about 0.4 MB per compile. A capped XLA
+        # compilation cache (XLA_COMPILATION_CACHE_SIZE=16) grows the same; tracemalloc
+        # finds ~0.2 MB per compile of Dynamo guard objects that outlive their functions
+        # between resets; the rest is native. Reported as xfail, with the figure.
+        pytest.xfail(f"host memory grew {growth:.0f} MB over {CYCLES - WARM_UP} compile/run cycles (bound {MAX_GROWTH_MB} MB)")
