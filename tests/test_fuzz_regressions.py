@@ -82,6 +82,25 @@ REGRESSIONS = {
         seed=2,
         trip_counts=(2, 6),
     ),
+    # A combine_fn returning one new tensor both as carry and as y: torch's scan rejects
+    # outputs that alias each other. Fixed: the loop functions copy a repeated output.
+    "same tensor as carry and as y": LoopProgram(
+        source=(
+            "def program(n, c0, c1, xs_x, w3, w4):\n"
+            "    dev = n.device\n"
+            "    def combine(t, xs):\n"
+            "        x = xs[\"x\"]\n"
+            "        c0 = t[0]\n"
+            "        c1 = t[1]\n"
+            "        c0 = torch.tanh(c0)\n"
+            "        c1 = ((c1) % 1000)\n"
+            "        return (c0, c1,), (c0,)\n"
+            "    return L.scan(combine, (c0, c1,), {\"x\": xs_x}, reverse=False)\n"
+        ),
+        inputs=(Var("c0", "float32", (2, 3)), Var("c1", "int64", (3, 4)), Var("xs_x", "float32", (1,))),
+        seed=0,
+        trip_counts=(2, 2),
+    ),
 }
 
 

@@ -57,8 +57,7 @@ def while_loop(
         if not isinstance(new, tuple):
             new = tuple(new) if isinstance(new, list) else (new,)
         _check_same_carries(loop, "body_fn", "carried_inputs", new, carries)
-        inputs = pytree.tree_leaves(carries)
-        return pytree.tree_map(lambda t: _as_new_carry(t, inputs), new)
+        return _as_new_carries(new, carries)
 
     return _on_device(_run_while_loop, loop, checked_cond, checked_body, carried_inputs)
 
@@ -109,8 +108,7 @@ def scan(
                 f"{loop}: combine_fn must return a pair (next carry, y), found {_structure(out)}"
             )
         _check_same_carries(loop, "combine_fn", "init", out[0], carry)
-        inputs = pytree.tree_leaves((carry, x))
-        return pytree.tree_map(lambda t: _as_new_carry(t, inputs), (out[0], out[1]))
+        return _as_new_carries((out[0], out[1]), (carry, x))
 
     return _on_device(_run_scan, loop, checked_combine, pytree.tree_map(_dense, init), xs, dim, reverse)
 
@@ -141,7 +139,7 @@ def fori_loop(
         carry = pytree.tree_unflatten(list(carry_leaves), spec)
         new = call_checked(loop, "body_fn", paths, body_fn, i, carry)
         _check_same_carries(loop, "body_fn", "init", new, carry)
-        return [_as_new_carry(t, list(carry_leaves)) for t in pytree.tree_leaves(new)]
+        return pytree.tree_leaves(_as_new_carries(new, carry_leaves))
 
     static = all(isinstance(b, int) and not isinstance(b, bool) for b in (lower, upper))
     if static:
@@ -295,14 +293,22 @@ def _check_same_carries(loop: str, fn_name: str, root: str, found: Any, expected
             )
 
 
-def _as_new_carry(value: Any, inputs: list[Any]) -> Any:
-    """What a body returns, as torch's loop ops take it: dense (an `expand` or a transpose
-    has other strides than the carry it replaces, which they reject) and not one of the
-    body's inputs (they reject aliasing)."""
-    if not isinstance(value, torch.Tensor):
+def _as_new_carries(outputs: Any, inputs: Any) -> Any:
+    """What a body returns, as torch's loop ops take it: dense tensors (an `expand` or a
+    transpose has other strides than the carry it replaces, which they reject), none of
+    them one of the body's inputs or returned twice (they reject aliasing): those are copied."""
+    taken = list(pytree.tree_leaves(inputs))
+
+    def new(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        value = _dense(value)
+        if any(value is t for t in taken):
+            value = value.clone()
+        taken.append(value)
         return value
-    value = _dense(value)
-    return value.clone() if any(value is t for t in inputs) else value
+
+    return pytree.tree_map(new, outputs)
 
 
 def _dense(value: Any) -> Any:

@@ -121,7 +121,11 @@ def _fullgraph_requested() -> bool:
     return bool(getattr(tx, "one_graph", False) or getattr(tx, "error_on_graph_break", False))
 
 
-_aot_xla_loop = aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph)
+def _aot_xla_loop() -> Callable[..., Any]:
+    """A new aot_autograd backend per graph: torch 2.9's instance wraps its bw_compiler once
+    more on every call, so a shared one nests a wrapper per compiled graph, holding memory
+    and, after some hundreds of graphs, overflowing the stack in the backward pass."""
+    return aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph)
 
 OPTIONS = {
     "max_iterations": "bound on the trip count of while_loops (int): required to train through one; a loop that runs out raises",
@@ -158,7 +162,7 @@ def xla_loop(
             raise
         warn_host_loop(f"could not lower a loop, so its graph runs eagerly ({error})")
         return gm.forward
-    compiled = _aot_xla_loop(bounded.module, example_inputs)
+    compiled = _aot_xla_loop()(bounded.module, example_inputs)
     if not bounded.loops:
         return compiled
 
