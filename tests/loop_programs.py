@@ -50,6 +50,12 @@ class LoopProgram:
     seed: int
     trip_counts: tuple[int, int]
 
+    @property
+    def uses_bfloat16(self) -> bool:
+        """bfloat16 anywhere, in a cast or an input: XLA may then keep float32 precision
+        between ops where eager rounds to bfloat16, so floats compare loosely."""
+        return "bfloat16" in self.source or any(var.dtype == "bfloat16" for var in self.inputs)
+
     def arguments(self, n: int) -> list[torch.Tensor]:
         """Deterministic CPU arguments for `program` (n is the trip-count input)."""
         gen = torch.Generator().manual_seed(self.seed)

@@ -101,6 +101,42 @@ REGRESSIONS = {
         seed=0,
         trip_counts=(2, 2),
     ),
+    # `x > 0.2` with x float32 compared in float64 on XLA: a float32 0.2 was greater than
+    # 0.2, so a bool carry came out True where eager says False. Fixed by
+    # workarounds.apply_workarounds (the scalar is rounded to the tensor's dtype).
+    "float tensor compared with a Python float": LoopProgram(
+        source=(
+            "def program(n, c0, w3, w4):\n"
+            "    dev = n.device\n"
+            "    def body(i, t):\n"
+            "        c0 = t[0]\n"
+            "        c0 = (((c0.to(torch.float32)).sum(-1, keepdim=True) * 0.2 + (c0.to(torch.float32))) > 0.2)\n"
+            "        return (c0,)\n"
+            "    return L.fori_loop(0, n, body, (c0,))\n"
+        ),
+        inputs=(Var("c0", "bool", (2, 3)),),
+        seed=1,
+        trip_counts=(2, 2),
+    ),
+    # A bfloat16 input carry, cast to float32 for a scan output: XLA keeps float32
+    # precision between the body's ops where eager rounds to bfloat16 ("excess
+    # precision"), 2e-3 apart. The harness compared it at float32's tolerance because the
+    # program's source never says bfloat16; it now looks at the inputs' dtypes too.
+    "bfloat16 input carry read as float32": LoopProgram(
+        source=(
+            "def program(n, c0, xs_x, w3, w4):\n"
+            "    dev = n.device\n"
+            "    def combine(t, xs):\n"
+            "        x = xs[\"x\"]\n"
+            "        c0 = t[0]\n"
+            "        c0 = torch.tanh(torch.sin(c0).abs().sqrt())\n"
+            "        return (c0,), ((c0.to(torch.float32)),)\n"
+            "    return L.scan(combine, (c0,), {\"x\": xs_x}, reverse=False)\n"
+        ),
+        inputs=(Var("c0", "bfloat16", (2, 3)), Var("xs_x", "float32", (5,))),
+        seed=292226,
+        trip_counts=(3, 2),
+    ),
 }
 
 

@@ -3,6 +3,9 @@ wrong results, found by the differential fuzzer (tests/test_fuzz.py).
 
 - `amax`/`amin` over all dimensions (``x.amax()``, traced as ``dim=[]``) reduce nothing
   on XLA: the result keeps x's shape. Spelled with every dimension, they reduce.
+- A comparison of a floating tensor with a Python float (``x > 0.2``) compares in float64
+  on XLA, where PyTorch first rounds the scalar to the tensor's dtype: a float32 0.2 is
+  then greater than 0.2. The scalar is rounded to the tensor's dtype in the graph.
 """
 from __future__ import annotations
 
@@ -12,12 +15,17 @@ import torch.fx
 aten = torch.ops.aten
 
 _ALL_DIMS_REDUCTIONS = {aten.amax.default, aten.amin.default}
+_SCALAR_COMPARISONS = {getattr(aten, name).Scalar for name in ("eq", "ne", "lt", "le", "gt", "ge")}
 
 
 def apply_workarounds(gm: torch.fx.GraphModule) -> None:
     """Rewrite `gm` and its subgraphs in place (see above)."""
     for module in list(gm.modules()):
-        if isinstance(module, torch.fx.GraphModule) and _spell_out_all_dims(module.graph):
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        changed = _spell_out_all_dims(module.graph)
+        changed = _round_comparison_scalars(module.graph) or changed
+        if changed:
             module.recompile()
 
 
@@ -35,4 +43,20 @@ def _spell_out_all_dims(graph: torch.fx.Graph) -> bool:
         node.args = (source, list(range(value.dim())), keepdim)
         node.kwargs = {}
         changed = True
+    return changed
+
+
+def _round_comparison_scalars(graph: torch.fx.Graph) -> bool:
+    changed = False
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _SCALAR_COMPARISONS or len(node.args) != 2:
+            continue
+        source, scalar = node.args
+        value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+        if type(scalar) is not float or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        rounded = torch.tensor(scalar, dtype=value.dtype).item()
+        if rounded != scalar:
+            node.args = (source, rounded)
+            changed = True
     return changed
