@@ -8,7 +8,8 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 import torch_xla
-import torch_xla.debug.metrics as met
+
+from xla_loop_backend.metrics import device_counts
 
 
 def xla_device() -> torch.device:
@@ -77,8 +78,8 @@ def check_against_eager(
 
 
 class MetricsDelta:
-    """Counts torch_xla did between entering and leaving the block: XLA compiles, executions,
-    and host transfers (`aten::_local_scalar_dense`, `TransferFromDeviceTime` samples)."""
+    """What torch_xla did between entering and leaving the block (`metrics.device_counts`):
+    .compiles, .executions, .host_syncs (`aten::_local_scalar_dense`), .transfers_from_device."""
 
     def __enter__(self) -> "MetricsDelta":
         torch_xla._XLAC._xla_wait_device_ops([])  # what ran before lands before the start
@@ -93,13 +94,4 @@ class MetricsDelta:
 
     @staticmethod
     def _read() -> dict[str, int]:
-        def samples(name: str) -> int:
-            data = met.metric_data(name)
-            return data[0] if data else 0
-
-        return {
-            "compiles": samples("CompileTime"),
-            "executions": samples("ExecuteTime"),
-            "local_scalar_dense": met.counter_value("aten::_local_scalar_dense") or 0,
-            "transfers_from_device": samples("TransferFromDeviceTime"),
-        }
+        return device_counts()

@@ -87,7 +87,7 @@ def test_fori_loop_tensor_bounds_reuse_one_executable_for_any_trip_count():
         with MetricsDelta() as delta:
             out = compiled(lower, upper_t, h)
             torch_xla.sync()
-        assert delta.compiles == 0 and delta.transfers_from_device == 0 and delta.local_scalar_dense == 0
+        assert delta.compiles == 0 and delta.transfers_from_device == 0 and delta.host_syncs == 0
         assert out["steps"].item() == upper - 2
 
 
@@ -134,6 +134,31 @@ def test_scan_wrapper_matches_eager_for_pytrees_dim_and_reverse():
 def test_scan_combine_may_return_its_inputs_as_outputs():
     # torch's scan rejects outputs aliasing inputs; the wrapper copies them.
     check_against_eager(lambda h, xs: scan(lambda c, x: (c + x, (c, x)), h, xs), torch.zeros(3), torch.randn(4, 3))
+
+
+def _returns_captured_and_views(n, h, w):
+    """Bodies whose outputs alias something: a captured tensor, a view of a carry."""
+    i0 = torch.zeros((), dtype=torch.int64, device=h.device)
+    _, a, b = xla_loop_backend.while_loop(lambda i, a, b: i < n, lambda i, a, b: (i + 1, w, a[:]), (i0, h, h * 2))
+    c, ys = scan(lambda c, x: (c.view(c.shape), (w, n)), h, torch.stack([h, h]))
+    d = fori_loop(0, n, lambda i, d: w.t().t(), h)
+    return a, b, c, ys, d
+
+
+def test_bodies_may_return_captured_tensors_and_views_of_carries():
+    # torch's loop ops reject outputs aliasing inputs (captured tensors are inputs too).
+    check_against_eager(_returns_captured_and_views, torch.tensor(3), torch.randn(4), torch.randn(4))
+
+
+def test_copied_outputs_add_no_copy_to_the_while_body():
+    # The copies that keep torch's loop ops happy are no ops in the XLA program.
+    def f(n, h, w):
+        i0 = torch.zeros((), dtype=torch.int64, device=h.device)
+        return xla_loop_backend.while_loop(lambda i, h: i < n, lambda i, h: (i + 1, torch.tanh(h @ w)), (i0, h))[1]
+
+    dev = xla_device()
+    (hlo,) = lowered_hlo(f, torch.tensor(3).to(dev), torch.randn(2, 4).to(dev), torch.randn(4, 4).to(dev))
+    assert " while(" in hlo and " copy(" not in hlo, hlo
 
 
 # ---------------------------------------------------------------- all

@@ -62,7 +62,7 @@ def check_program(program: LoopProgram) -> None:
             torch_xla.sync()
         assert_close_by_dtype(to_device(out, "cpu"), expected, loose=program.uses_bfloat16)
         if call == 1:
-            counts = (delta.compiles, delta.local_scalar_dense, delta.transfers_from_device)
+            counts = (delta.compiles, delta.host_syncs, delta.transfers_from_device)
             assert counts == (0, 0, 0), f"second call: (compiles, host syncs, transfers) = {counts}"
 
 

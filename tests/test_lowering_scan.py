@@ -228,7 +228,7 @@ def test_long_scan_traces_its_body_a_bounded_number_of_times_and_never_syncs():
         carry, ys = compiled(init, xs2)
         torch_xla.sync()
     assert delta.compiles == 0
-    assert delta.local_scalar_dense == 0 and delta.transfers_from_device == 0
+    assert delta.host_syncs == 0 and delta.transfers_from_device == 0
     assert metrics.counter_value(metrics.SUBGRAPHS_TRACED) == traces
 
 

@@ -123,7 +123,7 @@ def test_python_int_carry_is_read_back_once():
         i, _ = f(x)
     assert i == 5
     assert delta.compiles == 0
-    assert delta.local_scalar_dense == 1  # the int result, once, after the loop
+    assert delta.host_syncs == 1  # the int result, once, after the loop
 
 
 # ---- structure ------------------------------------------------------------------------------
@@ -310,7 +310,7 @@ def test_other_trip_counts_need_no_compile_and_no_host_sync(form):
             out = compiled(n_dev, x, wd)
             torch_xla.sync()
         assert delta.compiles == 0, f"n={n}: recompiled"
-        assert delta.local_scalar_dense == 0, f"n={n}: host read inside the loop"
+        assert delta.host_syncs == 0, f"n={n}: host read inside the loop"
         assert delta.transfers_from_device == 0, f"n={n}: transfer from device"
         expected = fn(torch.tensor(n, dtype=n_dtype), x.cpu(), w)
         torch.testing.assert_close(out[1].cpu(), expected[1], rtol=1e-4, atol=1e-4)
@@ -343,7 +343,7 @@ def test_first_call_is_one_compile_and_no_host_sync():
         _, res = compiled(*args)
         torch_xla.sync()
     assert delta.compiles == 1
-    assert delta.local_scalar_dense == 0
+    assert delta.host_syncs == 0
     assert delta.transfers_from_device == 0
     assert (res.cpu() == 13).all()
 

@@ -57,7 +57,7 @@ def while_loop(
         if not isinstance(new, tuple):
             new = tuple(new) if isinstance(new, list) else (new,)
         _check_same_carries(loop, "body_fn", "carried_inputs", new, carries)
-        return _as_new_carries(new, carries)
+        return _as_new_carries(new)
 
     return _on_device(_run_while_loop, loop, checked_cond, checked_body, carried_inputs)
 
@@ -76,8 +76,8 @@ def scan(
     Returns (final carry, ys), each y leaf stacked along dim 0 (torch's convention). init
     and xs are pytrees of tensors; every xs leaf must have the same length along `dim`.
     combine_fn must return (carry, y) with the carry's structure, shapes and dtypes
-    unchanged; it may return its inputs as they are (they are copied, as torch's scan
-    rejects outputs that alias inputs). `reverse=True` scans from the end.
+    unchanged; it may return its inputs, views of them or tensors it captured (outputs
+    are copied, as torch's scan rejects outputs that alias inputs). `reverse=True` scans from the end.
     """
     loop = _loop_label("scan", name, combine_fn)
     _check_leaves(loop, "init", "init", init, allow_ints=False)
@@ -108,7 +108,7 @@ def scan(
                 f"{loop}: combine_fn must return a pair (next carry, y), found {_structure(out)}"
             )
         _check_same_carries(loop, "combine_fn", "init", out[0], carry)
-        return _as_new_carries((out[0], out[1]), (carry, x))
+        return _as_new_carries((out[0], out[1]))
 
     return _on_device(_run_scan, loop, checked_combine, pytree.tree_map(_dense, init), xs, dim, reverse)
 
@@ -139,7 +139,7 @@ def fori_loop(
         carry = pytree.tree_unflatten(list(carry_leaves), spec)
         new = call_checked(loop, "body_fn", paths, body_fn, i, carry)
         _check_same_carries(loop, "body_fn", "init", new, carry)
-        return pytree.tree_leaves(_as_new_carries(new, carry_leaves))
+        return pytree.tree_leaves(_as_new_carries(new))
 
     static = all(isinstance(b, int) and not isinstance(b, bool) for b in (lower, upper))
     if static:
@@ -293,22 +293,16 @@ def _check_same_carries(loop: str, fn_name: str, root: str, found: Any, expected
             )
 
 
-def _as_new_carries(outputs: Any, inputs: Any) -> Any:
-    """What a body returns, as torch's loop ops take it: dense tensors (an `expand` or a
-    transpose has other strides than the carry it replaces, which they reject), none of
-    them one of the body's inputs or returned twice (they reject aliasing): those are copied."""
-    taken = list(pytree.tree_leaves(inputs))
-
-    def new(value: Any) -> Any:
-        if not isinstance(value, torch.Tensor):
-            return value
-        value = _dense(value)
-        if any(value is t for t in taken):
-            value = value.clone()
-        taken.append(value)
-        return value
-
-    return pytree.tree_map(new, outputs)
+def _as_new_carries(outputs: Any) -> Any:
+    """What a body returns, as torch's loop ops take it: new dense tensors. They reject an
+    output that aliases an input (a carry returned as it is, a view of one, a tensor the
+    body captured from its closure, one tensor returned twice) and other strides than the
+    carry's (an `expand`, a transpose). Every output is therefore copied: a dense copy of
+    a tensor is no op at all in the XLA program (XLA tensors have no strides or aliases)."""
+    return pytree.tree_map(
+        lambda value: value.clone(memory_format=torch.contiguous_format) if isinstance(value, torch.Tensor) else value,
+        outputs,
+    )
 
 
 def _dense(value: Any) -> Any:

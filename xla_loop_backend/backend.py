@@ -25,6 +25,7 @@ from torch._dynamo.backends.common import aot_autograd
 from ._device import select_default_device
 from .aliasing import unalias_loop_operands
 from .bounds import bound_while_loops, check_bounds, returning_flags
+from .dynamo_memory import release_dead_guard_managers
 from .training import prepare_for_autograd
 from .errors import LoopLoweringError, raising_loop_errors
 from .fallback import install_eager_warning, warn_host_loop
@@ -151,6 +152,7 @@ def xla_loop(
         raise ValueError(f"xla_loop: max_iterations must be a positive int, found {max_iterations!r}")
     if not isinstance(remat, (bool, int)) or (remat is not True and remat is not False and remat < 1):
         raise ValueError(f"xla_loop: remat must be True, False or a positive int (steps per segment), found {remat!r}")
+    release_dead_guard_managers()
     unalias_loop_operands(gm)
     try:
         flags = prepare_for_autograd(gm, max_iterations, remat)

@@ -26,3 +26,21 @@ def counter_value(name: str) -> int:
 
 def counters() -> dict[str, int]:
     return dict(_counters)
+
+
+def device_counts() -> dict[str, int]:
+    """torch_xla's running totals that tell whether a loop stayed on the device: XLA
+    compiles and executions, host syncs (`aten::_local_scalar_dense`, a `.item()`-style read
+    that stalls the host) and device-to-host transfers. Subtract two readings for a delta."""
+    import torch_xla.debug.metrics as met
+
+    def samples(name: str) -> int:
+        data = met.metric_data(name)
+        return int(data[0]) if data else 0
+
+    return {
+        "compiles": samples("CompileTime"),
+        "executions": samples("ExecuteTime"),
+        "host_syncs": int(met.counter_value("aten::_local_scalar_dense") or 0),
+        "transfers_from_device": samples("TransferFromDeviceTime"),
+    }
