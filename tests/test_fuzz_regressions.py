@@ -137,6 +137,25 @@ REGRESSIONS = {
         seed=292226,
         trip_counts=(3, 2),
     ),
+    # A combine_fn returning a tensor it captured (n) as its y: torch's scan took it for an
+    # output aliasing an input and refused the program. Fixed: every output is copied.
+    "captured tensor returned as y": LoopProgram(
+        source=(
+            "def program(n, c0, c1, xs_x, w3, w4):\n"
+            "    dev = n.device\n"
+            "    def combine(t, xs):\n"
+            "        x = xs[\"x\"]\n"
+            "        c0 = t[0]\n"
+            "        c1 = t[1]\n"
+            "        c0 = torch.tanh(c0)\n"
+            "        c1 = torch.tanh(c1)\n"
+            "        return (c0, c1,), (n,)\n"
+            "    return L.scan(combine, (c0, c1,), {\"x\": xs_x}, reverse=False)\n"
+        ),
+        inputs=(Var("c0", "float32", (2, 3)), Var("c1", "float32", (3, 4)), Var("xs_x", "float32", (1, 3, 4))),
+        seed=0,
+        trip_counts=(2, 2),
+    ),
 }
 
 
