@@ -61,6 +61,21 @@ def test_pjrt_device_defaults_to_cpu():
     assert kept.stdout.strip() == "CPU"
 
 
+def test_cpu_matrix_products_run_single_threaded_unless_xla_flags_say_otherwise():
+    # The runtime starts with the flag (XLA aborts on flags it does not know).
+    code = (
+        "import os, torch, xla_loop_backend, torch_xla\n"
+        "assert (torch.ones(2, 2, device=torch_xla.device()) @ torch.ones(2, 2, device=torch_xla.device())).sum().item() == 8\n"
+        "print(os.environ['XLA_FLAGS'])"
+    )
+    default = _run_python(code, {"PJRT_DEVICE": "CPU", "XLA_FLAGS": "--xla_cpu_enable_fast_math=false"})
+    assert default.returncode == 0, default.stderr[-2000:]
+    assert "--xla_cpu_multi_thread_eigen=false" in default.stdout.split()
+    chosen = _run_python(code, {"PJRT_DEVICE": "CPU", "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=true"})
+    assert chosen.returncode == 0, chosen.stderr[-2000:]
+    assert [f for f in chosen.stdout.split() if "multi_thread_eigen" in f] == ["--xla_cpu_multi_thread_eigen=true"]
+
+
 def _map_program(xs, y):
     return torch_map(lambda x, y: x * y + 1, xs, y)
 

@@ -10,9 +10,10 @@ called outside torch.compile on XLA tensors.
 """
 from __future__ import annotations
 
-from ._device import select_default_device
+from ._device import select_default_device, use_single_threaded_cpu_kernels
 
 select_default_device()
+use_single_threaded_cpu_kernels()
 
 from .api import fori_loop, scan, while_loop  # noqa: E402
 from .backend import compile, compile_graph, xla_loop  # noqa: E402
