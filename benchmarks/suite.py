@@ -1,15 +1,19 @@
 """Loop benchmark suite: xla_loop vs openxla (while_loop and unrolled for), eager, inductor
 and JAX on five loop workloads; writes a markdown table, JSON and PNG plots.
 
-    ./dev bench            # everything (~13 min on 2 cores)
-    ./dev bench --quick    # subset (~3.5 min)
+    ./dev bench            # everything, then the target rounds (~17 min on 2 cores)
+    ./dev bench --quick    # subset (~5 min)
     ./dev bench --systems xla_loop,jax --workloads B --trips 10,100 --cap-seconds 30
 
 Every (system, workload, trip count) runs in its own process (cold first call, its own
 peak RSS), pinned to one CPU (see --cpus), killed at --cap-seconds. Trip counts run in
 increasing order; a larger one is skipped when the smaller ones predict that its first call
-alone passes the cap. JAX runs from its own venv (benchmarks/.venv-jax, created here on first
-use). Output: benchmarks/results/{results.md,results.json,first_call.png,per_iteration.png}.
+alone passes the cap. Then the target points (B at 10000 trips against JAX and eager, A at
+1000 against JAX) run again in --target-rounds rounds, xla_loop and the others back to back
+in each: the machine's speed drifts by up to 2x over minutes on a shared host, so the targets
+are judged on the median of the per-round ratios, with their spread. JAX runs from its own
+venv (benchmarks/.venv-jax, created here on first use).
+Output: benchmarks/results/{results.md,results.json,first_call.png,per_iteration.png}.
 """
 from __future__ import annotations
 
@@ -34,15 +38,20 @@ ALL_WORKLOADS = ("A", "B", "C", "D", "E")
 FULL = {
     "systems": ALL_SYSTEMS,
     "trips": {"A": [10, 100, 1000, 10000], "B": [10, 100, 1000, 10000], "C": [1000], "D": [0], "E": [100, 1000]},
-    "cap": 60.0, "steady_budget": 3.0, "max_repeats": 20,
+    "cap": 60.0, "steady_budget": 3.0, "max_repeats": 20, "target_rounds": 5,
 }
 QUICK = {
     "systems": ("xla_loop", "openxla_while", "eager", "jax"),
     # A 1000 and B 10000 are the target points: cheap for all but openxla_while, which the
     # prediction skips there
     "trips": {"A": [10, 100, 1000], "B": [10, 100, 10000], "C": [1000], "D": [0], "E": [100]},
-    "cap": 20.0, "steady_budget": 1.0, "max_repeats": 5,
+    "cap": 20.0, "steady_budget": 1.0, "max_repeats": 5, "target_rounds": 3,
 }
+# The targets of issue 5 that compare steady times of systems run here: (workload, trips,
+# systems xla_loop is compared with). openxla_while's target is read off the main table (it
+# is capped at 10000 trips, and 100x is not close).
+TARGETS = (("B", 10000, ("jax", "eager")), ("A", 1000, ("jax",)))
+TARGET_STEADY_BUDGET_S = 1.5
 
 
 # ---- the JAX baseline's environment -----------------------------------------------------
@@ -150,6 +159,27 @@ def run_suite(cfg: dict, systems: list[str], workloads: list[str], jax_python: P
     return results
 
 
+def run_target_rounds(cfg: dict, systems: list[str], workloads: list[str], jax_python: Path | None,
+                      log_dir: Path) -> list[dict]:
+    """Each target point again, `cfg["target_rounds"]` times: per round, xla_loop and the systems
+    it is compared with run back to back (order reversed every other round), so a ratio pairs
+    measurements taken within seconds of each other."""
+    rounds_cfg = {**cfg, "steady_budget": min(cfg["steady_budget"], TARGET_STEADY_BUDGET_S)}
+    records = []
+    for workload, trips, others in TARGETS:
+        compared = [s for s in others if s in systems]
+        if workload not in workloads or trips not in cfg["trips"][workload] or "xla_loop" not in systems or not compared:
+            continue
+        for k in range(cfg["target_rounds"]):
+            order = ["xla_loop", *compared]
+            for system in (order if k % 2 == 0 else order[::-1]):
+                record = run_worker(system, workload, trips, rounds_cfg, jax_python, log_dir)
+                record["round"] = k
+                records.append(record)
+                print(f"  round {k} {workload} {system:9s} trips={trips:<6d} {summary(record)}", flush=True)
+    return records
+
+
 def summary(r: dict) -> str:
     if "error" in r:
         return "error: " + r["error"][:120]
@@ -201,6 +231,7 @@ def main() -> None:
     p.add_argument("--cpus", default="last",
                    help="CPUs each worker is pinned to: 'last' (one CPU, default: every system single-"
                         "threaded, stable on a shared machine), 'all', or a list like 0,1")
+    p.add_argument("--target-rounds", type=int, help="rounds of the target points (default 5, quick 3; 0: none)")
     p.add_argument("--jax-venv", type=Path, default=DEFAULT_JAX_VENV)
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args()
@@ -216,6 +247,8 @@ def main() -> None:
         cfg["trips"]["A"] = cfg["trips"]["B"] = [int(t) for t in a.trips.split(",")]
     if a.cap_seconds:
         cfg["cap"] = a.cap_seconds
+    if a.target_rounds is not None:
+        cfg["target_rounds"] = a.target_rounds
     allowed = sorted(os.sched_getaffinity(0))
     cfg["cpus"] = ({allowed[-1]} if a.cpus == "last" else None if a.cpus == "all"
                    else {int(c) for c in a.cpus.split(",")})
@@ -229,21 +262,23 @@ def main() -> None:
         "mode": ("quick" if a.quick else "full") + (" (subset)" if a.systems or a.workloads or a.trips else ""),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "cap_s": cfg["cap"], "steady_budget_s": cfg["steady_budget"], "max_repeats": cfg["max_repeats"],
+        "target_rounds": cfg["target_rounds"], "target_steady_budget_s": TARGET_STEADY_BUDGET_S,
         "pinned_cpus": sorted(cfg["cpus"]) if cfg["cpus"] else "all",
         "jax_venv": str(a.jax_venv) if jax_python else None,
         "niceness": os.nice(0),
     })
     print(f"logs of each worker: {log_dir}", flush=True)
     results = run_suite(cfg, systems, workloads, jax_python, log_dir)
+    rounds = run_target_rounds(cfg, systems, workloads, jax_python, log_dir)
     meta["load_average_end"] = os.getloadavg()
     meta["total_s"] = time.monotonic() - started
     for r in results:
         meta.setdefault("versions", {}).update(r.get("versions", {}))
-    (a.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    (a.out / "results.json").write_text(json.dumps({"meta": meta, "results": results, "target_rounds": rounds}, indent=1))
 
     import report
 
-    markdown = report.write_all(meta, results, a.out)
+    markdown = report.write_all(meta, results, a.out, rounds)
     print()
     print(markdown)
     print(f"wrote {a.out}/results.md, results.json, first_call.png, per_iteration.png in {meta['total_s']:.0f} s")
