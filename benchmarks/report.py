@@ -187,47 +187,48 @@ def targets(results: list[dict], rounds: list[dict] | None = None) -> list[str]:
         lambda a, b: b / a, times_faster, lambda r: r >= 100)
     row("A, 1000 trips, steady: xla_loop vs JAX", "A", 1000, "jax", "xla_loop ≤ 1.05× JAX",
         lambda a, b: a / b, times_jax, lambda r: r <= 1.05)
-    for workload in ("A", "B"):
-        ours = sorted((r for r in results if r["system"] == "xla_loop" and r["workload"] == workload and "steady_s" in r),
-                      key=lambda r: r["trips"])
-        if len(ours) < 2:
-            continue
-        span = f"{ours[0]['trips']}→{ours[-1]['trips']} trips"
-        setup = [r["first_call_s"] - r["steady_s"] for r in ours]
-        lines.append(f"| {workload}, first call minus one steady call (compile), {span} | {fmt_time(setup[0])} → "
-                     f"{fmt_time(setup[-1])} | | max/min {max(setup) / min(setup):.2f} | flat: max/min ≤ 1.5 | "
-                     f"{'yes' if max(setup) <= 1.5 * min(setup) else 'no'} |")
-        rss = [r["peak_rss_mb"] for r in ours]
-        lines.append(f"| {workload}, peak RSS, {span} | {rss[0]:.0f} MB → {rss[-1]:.0f} MB | | max/min {max(rss) / min(rss):.2f} "
-                     f"| flat: max/min ≤ 1.05 | {'yes' if max(rss) <= 1.05 * min(rss) else 'no'} |")
-    lines.append("")
+    bullets = []
     for workload in ("A", "B"):
         ours = sorted((r for r in results if r["system"] == "xla_loop" and r["workload"] == workload and "first_call_s" in r),
                       key=lambda r: r["trips"])
-        if ours:
-            firsts = ", ".join(f"{r['trips']}: {fmt_time(r['first_call_s'])}" for r in ours)
-            # the first call also runs the loop once; what is left is compile and setup
-            setup = ", ".join(f"{r['trips']}: {fmt_time(r['first_call_s'] - r['steady_s'])}" for r in ours if "steady_s" in r)
-            rss = ", ".join(f"{r['trips']}: {r['peak_rss_mb']:.0f} MB" for r in ours)
-            lines.append(f"- xla_loop, workload {workload}, first call by trip count (each a fresh process): {firsts}; "
-                         f"first call minus one steady call (compile and setup): {setup}; peak RSS: {rss}")
+        if not ours:
+            continue
+        steady = [r for r in ours if "steady_s" in r]
+        # the first call also runs the loop once; what is left is compile and setup
+        setup = [r["first_call_s"] - r["steady_s"] for r in steady]
+        if len(steady) >= 2:
+            span = f"{steady[0]['trips']}→{steady[-1]['trips']} trips"
+            lines.append(f"| {workload}, first call minus one steady call (compile), {span} | {fmt_time(setup[0])} → "
+                         f"{fmt_time(setup[-1])} | | max/min {max(setup) / min(setup):.2f} | flat: max/min ≤ 1.5 | "
+                         f"{'yes' if max(setup) <= 1.5 * min(setup) else 'no'} |")
+            rss = [r["peak_rss_mb"] for r in steady]
+            lines.append(f"| {workload}, peak RSS, {span} | {rss[0]:.0f} MB → {rss[-1]:.0f} MB | | max/min {max(rss) / min(rss):.2f} "
+                         f"| flat: max/min ≤ 1.05 | {'yes' if max(rss) <= 1.05 * min(rss) else 'no'} |")
+        firsts = ", ".join(f"{r['trips']}: {fmt_time(r['first_call_s'])}" for r in ours)
+        setups = ", ".join(f"{r['trips']}: {fmt_time(t)}" for r, t in zip(steady, setup))
+        rss_all = ", ".join(f"{r['trips']}: {r['peak_rss_mb']:.0f} MB" for r in ours)
+        bullets.append(f"- xla_loop, workload {workload}, first call by trip count (each a fresh process): {firsts}; "
+                       f"first call minus one steady call (compile and setup): {setups}; peak RSS: {rss_all}")
+    lines.append("")
+    lines += bullets
     return lines + [""]
 
 
 def rounds_table(rounds: list[dict]) -> list[str]:
     if not rounds:
         return []
+    shown = [s for s in ORDER if any(r["system"] == s for r in rounds)]
+    by_key = {(r["workload"], r["trips"], r["round"], r["system"]): r for r in rounds}
     lines = ["## Target rounds", "",
              "Each target point again, in rounds: per round the systems run back to back, each in a fresh "
              "process (order reversed every other round); steady time per call.", "",
-             "| workload | trips | round | " + " | ".join(s for s in ORDER if any(r["system"] == s for r in rounds)) + " |"]
-    shown = [s for s in ORDER if any(r["system"] == s for r in rounds)]
-    lines.append("|---|---:|---:|" + "---:|" * len(shown))
+             "| workload | trips | round | " + " | ".join(shown) + " |",
+             "|---|---:|---:|" + "---:|" * len(shown)]
     keys = sorted({(r["workload"], r["trips"], r["round"]) for r in rounds}, key=lambda k: (k[0] != "B", k))
     for workload, trips, k in keys:
         cells = []
         for system in shown:
-            r = next((r for r in rounds if (r["workload"], r["trips"], r["round"], r["system"]) == (workload, trips, k, system)), None)
+            r = by_key.get((workload, trips, k, system))
             cells.append("" if r is None else fmt_time(r.get("steady_s")) if "steady_s" in r
                          else (r.get("error") or r.get("skipped") or "–").replace("|", "/")[:60])
         lines.append(f"| {workload} | {trips} | {k} | " + " | ".join(cells) + " |")
