@@ -10,13 +10,14 @@ import torch.utils._pytree as pytree
 import torch_xla
 import torch_xla.debug.metrics as met
 
+from xla_loop_backend.metrics import device_counts
+
 
 def counts() -> tuple[int, int]:
-    """(XLA compiles, host syncs) since the last `met.clear_all()`."""
-    compiles = met.metric_data("CompileTime")
-    host_syncs = met.counter_value("aten::_local_scalar_dense") or 0
-    transfers = met.metric_data("TransferFromDeviceTime")
-    return (compiles[0] if compiles else 0), host_syncs + (transfers[0] if transfers else 0)
+    """(XLA compiles, host syncs) since the last `met.clear_all()`; a host sync is a scalar
+    read or a device-to-host transfer."""
+    c = device_counts()
+    return c["compiles"], c["host_syncs"] + c["transfers_from_device"]
 
 
 def call_measured(fn: Callable[..., Any], *args: Any) -> tuple[Any, int, int]:
