@@ -77,6 +77,38 @@ def check_against_eager(
     return actual, expected
 
 
+def dynamo_graph(fn: Callable, *args: Any) -> torch.fx.GraphModule:
+    """The graph Dynamo hands a backend for `fn(*args)` (fullgraph), before AOTAutograd."""
+    graphs = []
+
+    def keep(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(fn, backend=keep, fullgraph=True)(*args)
+    (gm,) = graphs
+    return gm
+
+
+def fuzz_settings(examples: int, seed_value: str | None) -> Callable:
+    """hypothesis settings of a fuzz test: `examples` programs, the same ones every run
+    (derandomized) unless a seed draws new ones; no deadline (each program compiles)."""
+    from hypothesis import HealthCheck, seed, settings
+
+    def apply(test: Callable) -> Callable:
+        test = settings(
+            max_examples=examples,
+            derandomize=seed_value is None,
+            database=None,
+            deadline=None,
+            print_blob=True,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+        )(test)
+        return seed(int(seed_value))(test) if seed_value is not None else test
+
+    return apply
+
+
 class MetricsDelta:
     """What torch_xla did between entering and leaving the block (`metrics.device_counts`):
     .compiles, .executions, .host_syncs (`aten::_local_scalar_dense`), .transfers_from_device."""

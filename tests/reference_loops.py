@@ -1,6 +1,6 @@
 """The loop functions as plain Python loops: the reference the fuzzed programs are checked
-against. Same signatures as xla_loop_backend.while_loop / scan / fori_loop; no torch
-higher-order ops, no compilation, just the meaning."""
+against. Same signatures as xla_loop_backend.while_loop / scan / fori_loop (and torch's
+map); no torch higher-order ops, no compilation, just the meaning."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -36,3 +36,11 @@ def fori_loop(lower: Any, upper: Any, body_fn: Callable, init: Any, *, name: str
     for i in range(int(lower), int(upper)):
         carry = body_fn(torch.tensor(i, dtype=torch.int64), carry)
     return carry
+
+
+def map(f: Callable, xs: Any, *args: Any) -> Any:  # noqa: A001 - torch's name
+    leaves, spec = pytree.tree_flatten(xs)
+    outs = [f(pytree.tree_unflatten([leaf[i] for leaf in leaves], spec), *args) for i in range(leaves[0].shape[0])]
+    out_leaves = [pytree.tree_flatten(o)[0] for o in outs]
+    stacked = [torch.stack([o[k] for o in out_leaves]) for k in range(len(out_leaves[0]))]
+    return pytree.tree_unflatten(stacked, pytree.tree_flatten(outs[0])[1])

@@ -83,7 +83,7 @@ def _map_program(xs, y):
 @pytest.fixture
 def map_without_rule(monkeypatch):
     """Pretend `map` has no lowering rule, to exercise the policy for loops xla_loop cannot lower."""
-    monkeypatch.delitem(LOWERING_RULES, torch.ops.higher_order.map_impl)
+    monkeypatch.delitem(LOWERING_RULES, "map")
 
 
 def test_loop_without_rule_is_an_error_under_fullgraph(map_without_rule):

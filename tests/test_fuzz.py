@@ -15,9 +15,9 @@ import os
 import torch
 import torch.utils._pytree as pytree
 import torch_xla
-from hypothesis import HealthCheck, given, note, seed, settings
+from hypothesis import given, note
 from loop_programs import LoopProgram, loop_programs
-from loop_testing import MetricsDelta, to_device, xla_device
+from loop_testing import MetricsDelta, fuzz_settings, to_device, xla_device
 
 import reference_loops
 import xla_loop_backend
@@ -66,19 +66,7 @@ def check_program(program: LoopProgram) -> None:
             assert counts == (0, 0, 0), f"second call: (compiles, host syncs, transfers) = {counts}"
 
 
-def _fuzz_settings(test):
-    test = settings(
-        max_examples=FUZZ_EXAMPLES,
-        derandomize=FUZZ_SEED is None,
-        database=None,
-        deadline=None,
-        print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-    )(test)
-    return seed(int(FUZZ_SEED))(test) if FUZZ_SEED is not None else test
-
-
-@_fuzz_settings
+@fuzz_settings(FUZZ_EXAMPLES, FUZZ_SEED)
 @given(loop_programs())
 def test_random_loop_programs_match_python_loops_on_cpu(program):
     note(f"program (seed {program.seed}, trip counts {program.trip_counts}):\n{program.source}")

@@ -10,105 +10,29 @@ import torch
 import torch_xla
 from functorch.compile import make_boxed_func
 from loop_testing import MetricsDelta, xla_device
+from training_testing import (
+    ResidualStepper,
+    ScanRnn,
+    StepperWithHead,
+    assert_grads_close,
+    grads,
+    train_against_python_loops,
+    train_step_against_python,
+)
 from torch._dynamo.backends.common import aot_autograd
 from torch._higher_order_ops.scan import scan
 from torch._higher_order_ops.while_loop import while_loop
 
 import xla_loop_backend
 from xla_loop_backend import LoopFallbackWarning, LoopLoweringError
-from xla_loop_backend.training import prepare_for_autograd
-
-
-def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.grad.detach().cpu().clone() for name, p in module.named_parameters()}
-
-
-def _assert_grads_close(actual: dict, expected: dict, tol: float = 1e-4) -> None:
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
-
-
-class ScanRnn(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.cell = torch.nn.GRUCell(5, 8)
-        self.head = torch.nn.Linear(8, 1)
-
-    def forward(self, h: torch.Tensor, xs: torch.Tensor, python: bool = False) -> torch.Tensor:
-        def step(h, x):
-            h = self.cell(x, h)
-            return h, self.head(h).squeeze(-1)
-
-        if python:
-            ys = []
-            for x in xs:
-                h, y = step(h, x)
-                ys.append(y)
-            ys = torch.stack(ys)
-        else:
-            h, ys = scan(step, h, xs)
-        return (ys**2).mean() + h.pow(2).mean()
-
-
-class ResidualStepper(torch.nn.Module):
-    """x <- x + 0.1 * tanh(W x + b), n times; n is a tensor input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(6, 6)
-
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        return x + 0.1 * torch.tanh(self.lin(x))
-
-    def forward(self, n: torch.Tensor, x: torch.Tensor, python: bool = False) -> torch.Tensor:
-        if python:
-            for _ in range(int(n)):
-                x = self.step(x)
-        else:
-            start = torch.zeros((), dtype=torch.int64, device=x.device)
-            _, x = while_loop(lambda i, x: i < n, lambda i, x: (i + 1, self.step(x)), (start, x))
-        return (x**2).sum()
-
-
-def _train_step_against_python(model, make_args, max_iterations=None, tol=1e-4, remat=False):
-    """One forward/backward compiled with xla_loop on the device vs the Python loop on CPU."""
-    torch.manual_seed(0)
-    reference = model()
-    device_model = copy.deepcopy(reference).to(xla_device())
-    cpu_args = make_args()
-    loss = reference(*cpu_args, python=True)
-    loss.backward()
-    compiled = xla_loop_backend.compile(device_model, fullgraph=True, max_iterations=max_iterations, remat=remat)
-    device_loss = compiled(*[a.to(xla_device()) for a in cpu_args])
-    device_loss.backward()
-    torch.testing.assert_close(device_loss.cpu(), loss.detach(), rtol=tol, atol=tol)
-    _assert_grads_close(_grads(device_model), _grads(reference), tol)
-    return reference, device_model, compiled
 
 
 def test_rnn_over_a_sequence_with_scan():
-    _train_step_against_python(ScanRnn, lambda: (torch.zeros(3, 8), torch.randn(12, 3, 5)))
-
-
-def test_torch_scan_autograd_bug_is_worked_around():
-    # pytorch/pytorch#184528: with an initial carry that does not require grad, torch 2.9's
-    # scan autograd drops part of the closed-over parameters' gradient, eagerly too.
-    torch.manual_seed(0)
-    model = ScanRnn()
-    args = (torch.zeros(3, 8), torch.randn(12, 3, 5))
-    model(*args).backward()
-    eager_scan = _grads(model)
-    model.zero_grad()
-    model(*args, python=True).backward()
-    python = _grads(model)
-    assert not torch.allclose(eager_scan["cell.weight_hh"], python["cell.weight_hh"], atol=1e-3), (
-        "torch's scan autograd is right now: the workaround in training.py can go"
-    )
+    train_step_against_python(ScanRnn, lambda: (torch.zeros(3, 8), torch.randn(12, 3, 5)))
 
 
 def test_residual_stepper_run_n_times_with_while_loop():
-    _train_step_against_python(ResidualStepper, lambda: (torch.tensor(7), torch.randn(4, 6)), max_iterations=16)
+    train_step_against_python(ResidualStepper, lambda: (torch.tensor(7), torch.randn(4, 6)), max_iterations=16)
 
 
 def test_torch_eager_while_loop_autograd_differs_from_python_loop():
@@ -118,10 +42,10 @@ def test_torch_eager_while_loop_autograd_differs_from_python_loop():
     model = ResidualStepper()
     args = (torch.tensor(7), torch.randn(4, 6))
     model(*args).backward()
-    eager_while = _grads(model)
+    eager_while = grads(model)
     model.zero_grad()
     model(*args, python=True).backward()
-    assert not torch.allclose(eager_while["lin.weight"], _grads(model)["lin.weight"], atol=1e-3)
+    assert not torch.allclose(eager_while["lin.weight"], grads(model)["lin.weight"], atol=1e-3)
 
 
 class NestedLoops(torch.nn.Module):
@@ -151,7 +75,7 @@ class NestedLoops(torch.nn.Module):
 
 
 def test_nested_loops():
-    _train_step_against_python(NestedLoops, lambda: (torch.tensor(3), torch.randn(2, 4), torch.randn(5, 2, 4)), max_iterations=6)
+    train_step_against_python(NestedLoops, lambda: (torch.tensor(3), torch.randn(2, 4), torch.randn(5, 2, 4)), max_iterations=6)
 
 
 def test_fori_loop_with_tensor_bounds_trains():
@@ -168,7 +92,7 @@ def test_fori_loop_with_tensor_bounds_trains():
                 x = xla_loop_backend.fori_loop(0, n, lambda i, x: x * self.a + 0.01 * i.to(x.dtype), x)
             return x.sum()
 
-    _train_step_against_python(Fori, lambda: (torch.tensor(6), torch.randn(3)), max_iterations=8)
+    train_step_against_python(Fori, lambda: (torch.tensor(6), torch.randn(3)), max_iterations=8)
 
 
 def test_trip_counts_reuse_the_executables_without_per_iteration_host_reads():
@@ -190,7 +114,7 @@ def test_trip_counts_reuse_the_executables_without_per_iteration_host_reads():
         reference = copy.deepcopy(model).cpu()
         reference.zero_grad()
         reference(torch.tensor(n), x.cpu(), python=True).backward()
-        _assert_grads_close(_grads(model), _grads(reference))
+        assert_grads_close(grads(model), grads(reference))
 
 
 def test_exceeding_max_iterations_is_an_error_then_the_process_still_works():
@@ -198,21 +122,17 @@ def test_exceeding_max_iterations_is_an_error_then_the_process_still_works():
     model = ResidualStepper().to(xla_device())
     compiled = xla_loop_backend.compile(model, fullgraph=True, max_iterations=4)
     x = torch.randn(4, 6, device=xla_device())
-    with pytest.raises(LoopLoweringError, match=r"while_loop at test_training.py:\d+: still running after max_iterations=4"):
+    with pytest.raises(LoopLoweringError, match=r"while_loop at training_testing.py:\d+: still running after max_iterations=4"):
         compiled(torch.tensor(9, device=xla_device()), x)
     loss = compiled(torch.tensor(4, device=xla_device()), x)  # at the bound: fine
     torch.testing.assert_close(loss.cpu(), model.cpu()(torch.tensor(4), x.cpu(), python=True).detach())
 
 
-def test_training_through_while_loop_without_a_bound():
-    model = ResidualStepper().to(xla_device())
-    args = (torch.tensor(3, device=xla_device()), torch.randn(4, 6, device=xla_device()))
-    with pytest.raises(LoopLoweringError, match=r"while_loop at test_training.py:\d+: training through a while_loop needs a bound .* max_iterations=N"):
-        xla_loop_backend.compile(model, fullgraph=True)(*args)
-    with pytest.warns(LoopFallbackWarning, match="needs a bound"):
-        loss = torch.compile(model, backend="xla_loop")(*args)
-    loss.backward()
-    assert model.lin.weight.grad is not None
+@pytest.mark.parametrize("n", [0, 1, 7, 300])
+def test_training_through_while_loop_needs_no_bound(n):
+    # The loop's real trip count is stored on the device (passes/stacked_while.py); the
+    # stack grows on demand (300 > the first capacity, 64).
+    train_step_against_python(StepperWithHead, lambda: (torch.tensor(n), torch.randn(4, 6)))
 
 
 def test_max_iterations_as_a_torch_compile_option():
@@ -270,7 +190,7 @@ class NestedWhile(torch.nn.Module):
 
 
 def test_while_loop_nested_in_a_trained_while_loop():
-    _train_step_against_python(NestedWhile, lambda: (torch.tensor(3), torch.tensor(4), torch.randn(3)), max_iterations=5)
+    train_step_against_python(NestedWhile, lambda: (torch.tensor(3), torch.tensor(4), torch.randn(3)), max_iterations=5)
 
 
 def test_inner_while_loop_exceeding_max_iterations_is_an_error():
@@ -280,39 +200,6 @@ def test_inner_while_loop_exceeding_max_iterations_is_an_error():
     with pytest.raises(LoopLoweringError, match="still running after max_iterations=5"):
         compiled(torch.tensor(2, device=dev), torch.tensor(7, device=dev), torch.randn(3, device=dev))
     compiled(torch.tensor(2, device=dev), torch.tensor(5, device=dev), torch.randn(3, device=dev))
-
-
-@pytest.mark.parametrize("remat", [True, 5])
-def test_remat_gives_the_same_gradients(remat):
-    # 12 steps in segments of 4 (True: ceil(sqrt(12))) or 5 (padded with masked steps).
-    _train_step_against_python(ScanRnn, lambda: (torch.zeros(3, 8), torch.randn(12, 3, 5)), remat=remat)
-    _train_step_against_python(ResidualStepper, lambda: (torch.tensor(7), torch.randn(4, 6)), max_iterations=16, remat=remat)
-
-
-def _forward_saved_shapes(model: torch.nn.Module, args: tuple, remat) -> list[tuple[int, ...]]:
-    """Shapes of what the forward graph hands to the backward (its outputs beyond the loss)."""
-    saved = []
-
-    def forward_compiler(graph: torch.fx.GraphModule, _):
-        (outputs,) = graph.graph.find_nodes(op="output")[0].args
-        saved.extend(tuple(o.meta["val"].shape) for o in outputs[1:] if isinstance(o, torch.fx.Node))
-        return make_boxed_func(graph.forward)
-
-    def backend(gm, example_inputs):
-        prepare_for_autograd(gm, None, remat)
-        return aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs)
-
-    torch.compile(model, backend=backend, fullgraph=True)(*args)
-    return saved
-
-
-@pytest.mark.parametrize("remat, stored", [(False, 100), (True, 10), (25, 4)])
-def test_remat_stores_carries_per_segment_instead_of_per_step(remat, stored):
-    torch.manual_seed(0)
-    args = (torch.zeros(3, 8, device=xla_device()), torch.randn(100, 3, 5, device=xla_device()))
-    saved = _forward_saved_shapes(ScanRnn().to(xla_device()), args, remat)
-    hidden_states = [shape for shape in saved if shape[-2:] == (3, 8) and len(shape) == 3]
-    assert hidden_states == [(stored, 3, 8)], saved
 
 
 def _while_then_python(n, x, w, python=False):
@@ -371,4 +258,155 @@ def test_buffers_that_require_grad():
     reference(*args, python=True).backward()
     xla_loop_backend.compile(model, fullgraph=True, max_iterations=8)(*[a.to(xla_device()) for a in args]).backward()
     torch.testing.assert_close(model.shift.grad.cpu(), reference.shift.grad, rtol=1e-4, atol=1e-4)
-    _assert_grads_close(_grads(model), _grads(reference))
+    assert_grads_close(grads(model), grads(reference))
+
+
+# The cases of "Training you can trust" (each failed or gave wrong gradients before the pass
+# pipeline): gradients through nested loops equal the plain Python loops on CPU.
+class WhileInScan(torch.nn.Module):
+    """A while_loop, or a fori_loop with tensor bounds, in a trained scan's body."""
+
+    def __init__(self, fori: bool = False):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.9, 1.1, 0.7]))
+        self.fori = fori
+
+    def forward(self, n, h, xs, L):
+        def inner(h):
+            if self.fori:
+                return L.fori_loop(0, n, lambda i, h: torch.tanh(h * self.w), h)
+            start = torch.zeros((), dtype=torch.int64, device=h.device)
+            return L.while_loop(lambda i, h: i < n, lambda i, h: (i + 1, torch.tanh(h * self.w)), (start, h))[1]
+
+        h, _ = L.scan(lambda h, x: (inner(h) + x, h.sum()), h, xs)
+        return h.pow(2).sum()
+
+
+class ForiInScan(WhileInScan):
+    def __init__(self):
+        super().__init__(fori=True)
+
+
+@pytest.mark.parametrize("model", [WhileInScan, ForiInScan])
+def test_while_loop_in_a_trained_scan(model):
+    train_against_python_loops(model, (torch.tensor(3), torch.randn(3), torch.randn(4, 3)))
+
+
+class TwoForiLoops(torch.nn.Module):
+    """Two fori_loops with tensor bounds in one trained graph, chained or with code between."""
+
+    def __init__(self, between: bool = True):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.9, 1.1, 0.7]))
+        self.between = between
+
+    def forward(self, n, h, L):
+        h = L.fori_loop(0, n, lambda i, h: torch.tanh(h * self.w), h)
+        if self.between:
+            h = h * 2 - h
+        h = L.fori_loop(0, n, lambda i, h: h * self.w + 0.1, h)
+        return h.pow(2).sum() + self.w.sum()
+
+
+class ChainedForiLoops(TwoForiLoops):
+    def __init__(self):
+        super().__init__(between=False)
+
+
+@pytest.mark.parametrize("n", [0, 1, 3])
+@pytest.mark.parametrize("model", [TwoForiLoops, ChainedForiLoops])
+def test_two_trained_fori_loops(model, n):
+    train_against_python_loops(model, (torch.tensor(n), torch.randn(3)))
+
+
+class InnerLoopWithoutGrad(torch.nn.Module):
+    """An inner scan or static-bound fori_loop whose float carry starts without grad, in a
+    trained while_loop, scan or fori_loop."""
+
+    def __init__(self, outer: str = "while", inner: str = "fori"):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.9, 1.1, 0.7]))
+        self.outer, self.inner = outer, inner
+
+    def forward(self, n, h, xs, L):
+        def step(h):
+            acc = torch.zeros(3, device=h.device)  # no grad
+            if self.inner == "fori":
+                acc = L.fori_loop(0, 2, lambda j, a: torch.tanh(a + h * self.w), acc)
+            else:
+                acc, _ = L.scan(lambda a, x: (torch.tanh(a + h * self.w + x), a.sum()), acc, xs)
+            return acc + 0.1 * h
+
+        if self.outer == "while":
+            start = torch.zeros((), dtype=torch.int64, device=h.device)
+            h = L.while_loop(lambda i, h: i < n, lambda i, h: (i + 1, step(h)), (start, h))[1]
+        elif self.outer == "fori":
+            h = L.fori_loop(0, n, lambda i, h: step(h), h)
+        else:
+            h, _ = L.scan(lambda h, x: (step(h) + x, h.sum()), h, xs)
+        return h.pow(2).sum()
+
+
+@pytest.mark.parametrize("outer", ["while", "fori", "scan"])
+@pytest.mark.parametrize("inner", ["fori", "scan"])
+def test_inner_loop_whose_carry_starts_without_grad(outer, inner):
+    class Model(InnerLoopWithoutGrad):
+        def __init__(self):
+            super().__init__(outer, inner)
+
+    train_against_python_loops(Model, (torch.tensor(3), torch.randn(3), torch.randn(2, 3)))
+
+
+class LayerNormAfterLoop(torch.nn.Module):
+    def __init__(self, fori: bool):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.9, 1.1, 0.7]))
+        self.norm = torch.nn.LayerNorm(3)
+        self.fori = fori
+
+    def forward(self, n, h, L):
+        if self.fori:
+            h = L.fori_loop(0, n, lambda i, h: torch.tanh(h * self.w), h)
+        else:
+            start = torch.zeros((), dtype=torch.int64, device=h.device)
+            h = L.while_loop(lambda i, h: i < n, lambda i, h: (i + 1, torch.tanh(h * self.w)), (start, h))[1]
+        return self.norm(h).pow(2).sum()
+
+
+@pytest.mark.parametrize("fori", [False, True])
+def test_layer_norm_right_after_a_trained_loop(fori):
+    class Model(LayerNormAfterLoop):
+        def __init__(self):
+            super().__init__(fori)
+
+    train_against_python_loops(Model, (torch.tensor(3), torch.randn(2, 3)))
+
+
+def test_a_model_that_requires_grad_evaluates_without_a_bound_and_without_backward():
+    model = StepperWithHead().to(xla_device())
+    compiled = xla_loop_backend.compile(model, fullgraph=True)
+    x = torch.randn(4, 6)
+    loss = compiled(torch.tensor(5, device=xla_device()), x.to(xla_device()))
+    assert loss.requires_grad
+    expected = copy.deepcopy(model).cpu()(torch.tensor(5), x, python=True)
+    torch.testing.assert_close(loss.detach().cpu(), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_from_outputs_compile_once():
+    # torch's own test pattern: torch.autograd.backward(outputs, ones). After the first call
+    # nothing compiles; what compiles on the second call of a loop that does not reset its
+    # gradients is the eager `grad += new` outside the compiled function, not the loop.
+    dev = xla_device()
+    w = torch.randn(2, 2, device=dev, requires_grad=True)
+    compiled = torch.compile(lambda h, xs: scan(lambda h, x: (torch.tanh(h @ w + x), h.sum()), h, xs), backend="xla_loop", fullgraph=True)
+    ones = [torch.ones(2, device=dev), torch.ones(5, device=dev)]
+    h0 = torch.zeros(2, device=dev, requires_grad=True)
+    xs = torch.randn(5, 2, device=dev, requires_grad=True)
+    for call in range(3):
+        w.grad = h0.grad = xs.grad = None
+        torch_xla.sync()
+        with MetricsDelta() as delta:
+            torch.autograd.backward(list(compiled(h0, xs)), ones)
+            torch_xla.sync()
+        if call:
+            assert (delta.compiles, delta.host_syncs) == (0, 0), f"call {call}"

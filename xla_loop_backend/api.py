@@ -163,7 +163,7 @@ def fori_loop(
 
 def _run_while_loop(loop: str, cond_fn: Callable, body_fn: Callable, carried_inputs: tuple) -> Any:
     tracing_loop(loop)
-    out = _torch_while_loop(cond_fn, body_fn, carried_inputs)
+    out = _fresh(_torch_while_loop(cond_fn, body_fn, carried_inputs))
     traced_loop(loop)
     return out
 
@@ -191,9 +191,19 @@ def _run_dynamic_fori(loop: str, step: Callable, lower: Any, upper: Any, leaves:
     def body(i: torch.Tensor, *carry: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (i + 1, *step(i, carry))
 
-    _, *final = _torch_while_loop(lambda i, *carry: i < upper, body, (lower, *leaves))
+    _, *final = _fresh(_torch_while_loop(lambda i, *carry: i < upper, body, (lower, *leaves)))
     traced_loop(loop)
     return final
+
+
+def _fresh(results: Any) -> Any:
+    """A while_loop's results as new tensors. When Dynamo traces a loop that autograd may
+    differentiate, torch 2.9 gives its results the strides and offset of a row of a stack
+    whose length is data (`while_loop_stack_output`): code after the loop that needs plain
+    sizes (`LayerNorm`: "Cannot call numel() on tensor with symbolic sizes/strides") or a
+    second loop that captures them ("Source of '3*u0 - 3' is None") then fails to trace. A
+    copy has plain strides, and costs nothing in the XLA program."""
+    return pytree.tree_map(lambda r: r.clone() if isinstance(r, torch.Tensor) else r, results)
 
 
 def _index_tensor(bound: Any, device: Any) -> torch.Tensor:

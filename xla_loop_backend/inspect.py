@@ -6,19 +6,23 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 from functorch.compile import make_boxed_func
-from torch._dynamo.backends.common import aot_autograd
 
-from .rewrite import lower_loops
+from . import pipeline
+from .lowering.driver import lower_loops
+from .options import Options
 
 
-def lowered_hlo(fn: Callable[..., Any], *args: Any, **compile_options: Any) -> list[str]:
+def lowered_hlo(fn: Callable[..., Any], *args: Any, options: dict[str, Any] | None = None, **compile_options: Any) -> list[str]:
     """HLO text of every graph that `torch.compile(fn, backend="xla_loop")` would run for
-    `args` (one string per graph), e.g. to check that a loop became one `while`."""
+    `args` (one string per forward graph), e.g. to check that a loop became one `while`.
+    The graph goes through the same pipeline as in the backend, then is run once."""
     import torch_xla
 
     texts: list[str] = []
 
     def capture(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+        for graph_pass in pipeline.AFTER_AUTOGRAD:
+            graph_pass.run(gm)
         lowered = lower_loops(gm)
 
         def run(*graph_args: Any) -> Any:
@@ -29,6 +33,9 @@ def lowered_hlo(fn: Callable[..., Any], *args: Any, **compile_options: Any) -> l
 
         return make_boxed_func(run)
 
-    torch.compile(fn, backend=aot_autograd(fw_compiler=capture), **compile_options)(*args)
+    def backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+        return pipeline.compile(gm, example_inputs, Options.parse(options), graph_compiler=capture)
+
+    torch.compile(fn, backend=backend, **compile_options)(*args)
     torch_xla.sync()
     return texts

@@ -1,4 +1,5 @@
-"""xla_loop's own counters: loops lowered, subgraphs traced, host-loop fallbacks.
+"""xla_loop's own counters: loops lowered, subgraphs traced, host-loop fallbacks, and
+recompiles to grow the stack of trained while_loops.
 
 They live here rather than in torch_xla's counter registry because torch_xla's dynamo
 bridge clears that registry while it partitions a graph (`metrics.clear_counters()` per
@@ -12,6 +13,7 @@ from collections import Counter
 LOOPS_LOWERED = "loops_lowered"
 SUBGRAPHS_TRACED = "subgraphs_traced"
 HOST_LOOP_FALLBACKS = "host_loop_fallbacks"
+CAPACITY_GROWTHS = "capacity_growths"
 
 _counters: Counter[str] = Counter()
 

@@ -1,8 +1,8 @@
-"""Lowering rules: one function per loop primitive, registered in one table.
+"""Lowering rules: one function per control-flow op kind (`ops.py`), in one table.
 
-A rule takes the FX node (for error messages; None when called directly), then the
-primitive's own arguments with lazy XLA tensors for tensors and GraphModules for subgraphs,
-and returns the primitive's outputs as lazy XLA tensors built around one XLA While.
+A rule takes the FX node (for error messages; None when called directly), then the op's
+fields by name (`ops.OpSpec.bind`), with lazy XLA tensors for tensors and GraphModules for
+subgraphs, and returns the op's outputs as lazy XLA tensors built around one XLA While.
 Nested loops inside a subgraph reach the same table through `SubgraphInterpreter`.
 """
 from __future__ import annotations
@@ -11,15 +11,40 @@ from typing import Any, Callable
 
 import torch
 
+from ..errors import LoopLoweringError, loop_name
+from ..ops import spec_of
 from .scan import lower_map, lower_scan
 from .while_loop import lower_while_loop
 
 LoweringRule = Callable[..., Any]
 
-LOWERING_RULES: dict[Any, LoweringRule] = {
-    torch.ops.higher_order.while_loop: lower_while_loop,
-    torch.ops.higher_order.scan: lower_scan,
-    torch.ops.higher_order.map_impl: lower_map,
+LOWERING_RULES: dict[str, LoweringRule] = {
+    "while_loop": lower_while_loop,
+    "scan": lower_scan,
+    "map": lower_map,
 }
 
-__all__ = ["LOWERING_RULES", "LoweringRule"]
+
+
+def lower_control_flow(node: torch.fx.Node | None, target: Any, args: tuple, kwargs: dict) -> Any:
+    """Lower one control-flow call through its rule. A control-flow op with no rule is an
+    error: its own (dense) implementation must never run inside a lowered graph, as it reads
+    its predicate or trip count back to the host, which placeholder tensors cannot do."""
+    spec = spec_of(target)
+    assert spec is not None and not kwargs, target
+    return rule_for(node, target)(node, **spec.bind(args))
+
+
+def rule_for(node: torch.fx.Node | None, target: Any) -> LoweringRule:
+    """The lowering rule of a control-flow op, or a LoopLoweringError naming the loop."""
+    spec = spec_of(target)
+    rule = LOWERING_RULES.get(spec.kind)
+    if rule is None:
+        raise LoopLoweringError(
+            f"{loop_name(spec.kind, node)}: xla_loop has no lowering for `torch.ops.higher_order."
+            f"{getattr(target, '__name__', spec.kind)}` yet, so it cannot run inside the compiled graph"
+        )
+    return rule
+
+
+__all__ = ["LOWERING_RULES", "LoweringRule", "lower_control_flow", "rule_for"]

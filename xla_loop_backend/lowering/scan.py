@@ -25,20 +25,20 @@ from .while_state import WhileState, as_state_tensor, check_new_carries
 
 def lower_scan(
     node: torch.fx.Node | None,
-    combine_gm: torch.fx.GraphModule,
+    combine_fn: torch.fx.GraphModule,
     init: Sequence[Any],
     xs: Sequence[Any],
     additional_inputs: Sequence[Any],
 ) -> tuple[torch.Tensor, ...]:
     """Run a scan as one XLA While on lazy XLA tensors: returns (*final carries, *stacked ys)."""
-    return _lower_scan_like(loop_name("scan", node), node, "combine_fn", combine_gm, init, xs, additional_inputs)
+    return _lower_scan_like(loop_name("scan", node), node, "combine_fn", combine_fn, init, xs, additional_inputs)
 
 
 def lower_map(
-    node: torch.fx.Node | None, f_gm: torch.fx.GraphModule, xs: Sequence[Any], pos_args: Sequence[Any]
+    node: torch.fx.Node | None, f: torch.fx.GraphModule, xs: Sequence[Any], pos_args: Sequence[Any]
 ) -> tuple[torch.Tensor, ...]:
     """`torch._higher_order_ops.map`: f applied to every slice of xs, stacked; a scan with no carry."""
-    return _lower_scan_like(loop_name("map", node), node, "f", f_gm, (), xs, pos_args)
+    return _lower_scan_like(loop_name("map", node), node, "f", f, (), xs, pos_args)
 
 
 def _lower_scan_like(

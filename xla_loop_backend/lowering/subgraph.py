@@ -23,6 +23,7 @@ import torch_xla.core.xla_builder as xb
 
 from .. import metrics
 from ..errors import LoopLoweringError
+from ..ops import spec_of
 
 aten = torch.ops.aten
 
@@ -183,11 +184,11 @@ class SubgraphInterpreter(torch.fx.Interpreter):
         return value
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        from . import LOWERING_RULES  # the table imports this module
+        from . import lower_control_flow  # the table imports this module
 
         node = self.current_node
-        if target in LOWERING_RULES:
-            return LOWERING_RULES[target](node, *args, **kwargs)
+        if spec_of(target) is not None:
+            return lower_control_flow(node, target, args, kwargs)
         if not _node_touches_scalars(node):
             return target(*args, **kwargs)
         return TensorScalarCall(node, self.loop)(target, args, kwargs)

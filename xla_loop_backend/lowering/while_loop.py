@@ -19,8 +19,8 @@ from .while_state import WhileState, as_state_tensor, check_new_carries
 
 def lower_while_loop(
     node: torch.fx.Node | None,
-    cond_gm: torch.fx.GraphModule,
-    body_gm: torch.fx.GraphModule,
+    cond_fn: torch.fx.GraphModule,
+    body_fn: torch.fx.GraphModule,
     carried_inputs: Sequence[Any],
     additional_inputs: Sequence[Any],
 ) -> tuple[Any, ...]:
@@ -36,11 +36,11 @@ def lower_while_loop(
     num_carries = len(carries)
 
     def run_cond(args: list[torch.Tensor]) -> list[torch.Tensor]:
-        pred = SubgraphInterpreter(cond_gm, name).run(*args)
+        pred = SubgraphInterpreter(cond_fn, name).run(*args)
         return [_check_predicate(name, pred)]
 
     def run_body(args: list[torch.Tensor]) -> list[torch.Tensor]:
-        outputs = SubgraphInterpreter(body_gm, name).run(*args)
+        outputs = SubgraphInterpreter(body_fn, name).run(*args)
         outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
         return check_new_carries(name, "body", outputs, carries)
 

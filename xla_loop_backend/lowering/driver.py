@@ -1,9 +1,13 @@
-"""Graph rewrite: replace every loop node of an AOTAutograd graph by a call to its lowering.
+"""Lowering driver: replace every control-flow node of an AOTAutograd graph by a call of
+its lowering rule (`lowering/__init__.py`).
 
 torch_xla's dynamo bridge cannot take a loop node (its subgraphs are `get_attr` modules,
 and its dense implementation is a host loop), so each top-level loop node becomes a plain
 named function that closes over the subgraph modules and calls the lowering rule. Loops
 nested in a subgraph are lowered when the enclosing subgraph is traced.
+
+Before that, `CHECK` (a pass: one rule per op kind) rejects at compile time what cannot be
+lowered: an op with no lowering rule, or a loop body whose shapes depend on data.
 
 Python int results of a loop stay 0-dim device tensors inside the graph; `LoweredGraph`
 records which graph outputs the caller expects as ints so they are read back once, at the
@@ -19,13 +23,11 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
-from .errors import LoopLoweringError, loop_name
-from .lowering import LOWERING_RULES
-from .lowering.subgraph import TensorScalarCall, is_symbolic_scalar
-
-# Loop-like higher-order ops this backend must lower; one with no rule yet is an error or a
-# warned fallback, never a silent host loop.
-LOOP_OPS = {"while_loop", "scan", "while_loop_stack_output", "associative_scan", "map_impl"}
+from ..errors import LoopLoweringError
+from ..ops import KINDS, Call, is_control_flow
+from ..traversal import GraphPass, Site
+from . import lower_control_flow, rule_for
+from .subgraph import TensorScalarCall, is_symbolic_scalar
 
 
 @dataclass
@@ -38,25 +40,19 @@ class LoweredGraph:
 
 
 def find_loop_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and _is_loop_op(n.target)]
+    """The top-level control-flow nodes of `gm`."""
+    return [n for n in gm.graph.nodes if is_control_flow(n)]
 
 
-def check_loops_supported(gm: torch.fx.GraphModule) -> None:
-    """Raise, at compile time, for a loop xla_loop cannot lower: a loop op with no rule, or
-    a loop body whose shapes depend on data (XLA's While needs static shapes)."""
-    for module in gm.modules():
-        if not isinstance(module, torch.fx.GraphModule):
-            continue
-        for node in find_loop_nodes(module):
-            name = loop_name(node.target.__name__, node)
-            if node.target not in LOWERING_RULES:
-                raise LoopLoweringError(
-                    f"{name}: xla_loop has no lowering for `torch.ops.higher_order."
-                    f"{node.target.__name__}` yet, so this loop cannot run as one XLA While."
-                )
-            for arg in node.args:
-                if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
-                    _check_static_shapes(name, getattr(module, arg.target))
+def _lowerable(site: Site, context: Any) -> None:
+    """An op needs a lowering rule; a loop whose body makes a tensor of data-dependent shape
+    cannot be one XLA While."""
+    rule_for(site.call.node, site.call.node.target)
+    for sub in site.call.subgraphs().values():
+        _check_static_shapes(site.name, sub)
+
+
+CHECK = GraphPass("check_lowerable", "rejects loops XLA cannot run", {kind: _lowerable for kind in KINDS})
 
 
 def _check_static_shapes(loop: str, subgraph: torch.fx.GraphModule) -> None:
@@ -78,13 +74,13 @@ def _check_static_shapes(loop: str, subgraph: torch.fx.GraphModule) -> None:
 
 def lower_loops(gm: torch.fx.GraphModule) -> LoweredGraph:
     """Replace the top-level loop nodes of `gm` in place; see the module docstring."""
-    check_loops_supported(gm)
+    CHECK.run(gm, None)
     loops = find_loop_nodes(gm)
     if not loops:
         return LoweredGraph(gm, 0)
     device_scalars: set[torch.fx.Node] = set()
     for index, node in enumerate(loops):
-        _replace_loop_node(gm, node, index, device_scalars)
+        _replace_loop_node(Call.of(gm, node), index, device_scalars)
     _adapt_scalar_users(gm, device_scalars)
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
@@ -100,27 +96,24 @@ def lower_loops(gm: torch.fx.GraphModule) -> LoweredGraph:
     return LoweredGraph(gm, len(loops), int_outputs)
 
 
-def _replace_loop_node(
-    gm: torch.fx.GraphModule, node: torch.fx.Node, index: int, device_scalars: set[torch.fx.Node]
-) -> None:
-    rule = LOWERING_RULES[node.target]
-    # Subgraph arguments are captured by the call; everything else stays a graph argument.
-    static = {
-        i: getattr(gm, a.target) for i, a in enumerate(node.args) if isinstance(a, torch.fx.Node) and a.op == "get_attr"
-    }
-    dynamic_args = tuple(a for i, a in enumerate(node.args) if i not in static)
-    num_args = len(node.args)
+def _replace_loop_node(call: Call, index: int, device_scalars: set[torch.fx.Node]) -> None:
+    gm, node = call.owner, call.node
+    # Subgraphs are captured by the call; every other field stays a graph argument.
+    subgraphs = call.subgraphs()
+    fields = call.args
+    dynamic = {name: value for name, value in fields.items() if name not in subgraphs}
+    names = list(dynamic)
+    target = node.target
 
-    def call_lowered_loop(*args: Any) -> Any:
-        it = iter(args)
-        full = [static[i] if i in static else next(it) for i in range(num_args)]
-        return rule(node, *full)
+    def call_lowered_loop(*values: Any) -> Any:
+        args = call.spec.unbind({**subgraphs, **dict(zip(names, values))})
+        return lower_control_flow(node, target, args, {})
 
     # FX code generation names the target by __name__; keep it unique per loop.
-    call_lowered_loop.__name__ = f"xla_loop_{node.target.__name__}_{index}"
+    call_lowered_loop.__name__ = f"xla_loop_{call.kind}_{index}"
     call_lowered_loop.__qualname__ = call_lowered_loop.__name__
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(call_lowered_loop, dynamic_args)
+        new = gm.graph.call_function(call_lowered_loop, tuple(dynamic.values()))
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
@@ -153,7 +146,3 @@ def _scalar_call(node: torch.fx.Node) -> Callable[..., Any]:
     call_with_device_scalars.__name__ = f"xla_loop_scalar_{node.name}"
     call_with_device_scalars.__qualname__ = call_with_device_scalars.__name__
     return call_with_device_scalars
-
-
-def _is_loop_op(target: Any) -> bool:
-    return isinstance(target, torch._ops.HigherOrderOperator) and target.__name__ in LOOP_OPS

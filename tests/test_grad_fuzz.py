@@ -1,0 +1,89 @@
+"""Differential fuzzing of training: random training programs (training_programs.py)
+compiled with xla_loop on the XLA device must give the loss and the gradients (of every
+parameter and of the inputs) that the same program gives as plain Python loops on CPU,
+on two calls with different trip counts; the second call must compile nothing, read at
+most one value back (the loops' report) and transfer nothing else.
+
+CI runs GRAD_FUZZ_EXAMPLES programs, the same ones every run (derandomized). The long mode
+draws new ones:
+    XLA_LOOP_GRAD_FUZZ_EXAMPLES=2000 XLA_LOOP_GRAD_FUZZ_SEED=1 ./dev test tests/test_grad_fuzz.py
+A failure is shrunk by hypothesis to a small program, printed with its source; add it to
+test_grad_fuzz_regressions.py so it stays a regular test.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch_xla
+from hypothesis import given, note
+from loop_testing import MetricsDelta, fuzz_settings, xla_device
+from training_programs import TrainingProgram, training_programs, xla_loops
+
+import reference_loops
+import xla_loop_backend
+
+GRAD_FUZZ_EXAMPLES = int(os.environ.get("XLA_LOOP_GRAD_FUZZ_EXAMPLES", "30"))
+GRAD_FUZZ_SEED = os.environ.get("XLA_LOOP_GRAD_FUZZ_SEED")
+TOLERANCE = 1e-4
+
+_programs_run = 0
+
+
+def _gradients(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gradients by name (parameters, then inputs); none counts as zeros."""
+    named = {**dict(module.named_parameters()), **inputs}
+    return {name: torch.zeros(t.shape) if t.grad is None else t.grad.detach().cpu() for name, t in named.items()}
+
+
+def check_training_program(program: TrainingProgram) -> None:
+    """Run `program` both ways for both calls; compare loss and gradients; count call 2."""
+    global _programs_run
+    _programs_run += 1
+    if _programs_run % 25 == 0:
+        torch._dynamo.reset()  # keep Dynamo's caches from growing over hundreds of programs
+    dev = xla_device()
+    torch.zeros((), device=dev)  # the XLA runtime starts before any backward (see loop_testing)
+    reference = program.module(reference_loops)
+    model = program.module(xla_loops).to(dev)
+    compiled = xla_loop_backend.compile(
+        model, fullgraph=True, remat=program.remat, max_iterations=program.max_iterations
+    )
+    for call in range(2):
+        n, m, x, xs = program.arguments(call)
+        x_ref, xs_ref = x.clone().requires_grad_(), xs.clone().requires_grad_()
+        reference.zero_grad(set_to_none=True)
+        expected_loss = reference(n, m, x_ref, xs_ref)
+        expected_loss.backward()
+        expected = _gradients(reference, {"x": x_ref, "xs": xs_ref})
+
+        model.zero_grad(set_to_none=True)
+        x_dev = x.to(dev).requires_grad_()
+        xs_dev = xs.to(dev).requires_grad_()
+        n_dev, m_dev = n.to(dev), m.to(dev)
+        torch_xla.sync()
+        with MetricsDelta() as delta:
+            loss = compiled(n_dev, m_dev, x_dev, xs_dev)
+            loss.backward()
+            torch_xla.sync()
+        actual = _gradients(model, {"x": x_dev, "xs": xs_dev})
+        torch.testing.assert_close(loss.detach().cpu(), expected_loss.detach(), rtol=TOLERANCE, atol=TOLERANCE)
+        for name in expected:
+            torch.testing.assert_close(
+                actual[name], expected[name], rtol=TOLERANCE, atol=TOLERANCE, msg=lambda msg: f"gradient of {name}: {msg}"
+            )
+        if call == 1:
+            counts = (delta.compiles, delta.host_syncs, delta.transfers_from_device)
+            assert delta.compiles == 0 and delta.host_syncs <= 1 and delta.transfers_from_device <= 1, (
+                f"second call: (compiles, host syncs, transfers) = {counts}"
+            )
+
+
+@fuzz_settings(GRAD_FUZZ_EXAMPLES, GRAD_FUZZ_SEED)
+@given(training_programs())
+def test_random_training_programs_match_python_loops_on_cpu(program):
+    note(
+        f"program (seed {program.seed}, trip counts {program.trip_counts}, remat={program.remat}, "
+        f"max_iterations={program.max_iterations}):\n{program.source}"
+    )
+    check_training_program(program)

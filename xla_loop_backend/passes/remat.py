@@ -1,0 +1,98 @@
+"""Before AOTAutograd, with option `remat`: loops that may be trained store fewer carries.
+
+Autograd through a loop of T steps stores the carries of every step. With `remat=k` (or
+True for k = sqrt(T)):
+
+- scan: runs as a scan over T/k segments whose body is a scan over k steps
+  (`segmented_scan`). The outer scan's autograd stores only the carries at segment starts
+  and recomputes a segment's steps in its backward: stored carries fall from T to T/k + k,
+  for about one more forward pass. (A length k does not divide is padded with steps that
+  leave the carries as they are.)
+- while_loop: the trained loop stores every k-th iteration and recomputes the rest
+  (`stacked_while.py`); this pass sets its `remat` option.
+
+Only top-level loops: a loop nested in a trained loop's body runs within one step of its
+enclosing loop's backward, which recomputes that step anyway; what it stores lives only
+for that step. (torch's alias check of a scan or map body, `gen_schema`, also runs the body
+in a fake mode of its own, in which a scan made of Python functions cannot be traced.)
+
+Runs after `while_loops`, whose calls it configures.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch._higher_order_ops.scan import scan_op
+
+from ..ops import register
+from ..options import PassContext
+from ..traversal import GraphPass, Site, replace_call, unchanged
+from .stacked_while import segment_length
+from .while_loops import bounded_while
+
+
+def segmented_scan(combine_fn: Any, init: Any, xs: Any, additional_inputs: Any, *, remat: bool | int) -> list[torch.Tensor]:
+    """scan_op(combine_fn, init, xs, additional_inputs), in segments (see above)."""
+    return scan_in_segments(combine_fn, list(init), list(xs), tuple(additional_inputs), remat)
+
+
+register(segmented_scan, torch.ops.higher_order.scan)
+
+
+def scan_in_segments(
+    combine: Callable, init: list[torch.Tensor], xs: list[torch.Tensor], extras: tuple, remat: bool | int
+) -> list[torch.Tensor]:
+    length = xs[0].shape[0]
+    k = segment_length(length, remat)
+    if k >= length:
+        return list(scan_op(combine, init, xs, extras))
+    segments = -(-length // k)
+    pad = segments * k - length
+    num_carries, num_xs = len(init), len(xs)
+    if pad:
+        xs = [torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) for x in xs]
+    grouped = [x.reshape(segments, k, *x.shape[1:]) for x in xs]
+    index = torch.arange(segments * k, device=xs[0].device).reshape(segments, k)
+
+    def step(*args: torch.Tensor) -> list[torch.Tensor]:
+        carries, x = args[:num_carries], args[num_carries : num_carries + num_xs]
+        i, extras = args[num_carries + num_xs], args[num_carries + num_xs + 1 :]
+        out = list(combine(*carries, *x, *extras))
+        if pad:  # the padding steps leave the carries as they are
+            out[:num_carries] = [torch.where(i < length, n, c) for n, c in zip(out[:num_carries], carries)]
+        return out
+
+    def segment(*args: torch.Tensor) -> list[torch.Tensor]:
+        carries, x = args[:num_carries], args[num_carries : num_carries + num_xs]
+        i, extras = args[num_carries + num_xs], args[num_carries + num_xs + 1 :]
+        return list(scan_op(step, list(carries), [*x, i], tuple(extras)))
+
+    out = scan_op(segment, init, [*grouped, index], extras)
+    ys = [y.reshape(segments * k, *y.shape[2:])[:length] for y in out[num_carries:]]
+    return [*out[:num_carries], *ys]
+
+
+def segment_scan(site: Site, context: PassContext) -> None:
+    remat = context.options.remat
+    if remat and site.depth == 0 and site.may_need_grad(context.training) and site.call.node.target is not segmented_scan:
+        replace_call(site.call, segmented_scan, remat=remat)
+
+
+def segment_while(site: Site, context: PassContext) -> None:
+    remat = context.options.remat
+    if remat and site.depth == 0 and site.call.node.target is bounded_while and site.call.node.kwargs.get("may_train"):
+        site.call.node.kwargs = {**site.call.node.kwargs, "remat": remat}
+
+
+PASS = GraphPass(
+    "remat",
+    "makes trained loops store fewer carries",
+    {
+        "while_loop": segment_while,
+        "scan": segment_scan,
+        "map": unchanged,  # map's autograd stores its inputs, no carries
+        "cond": unchanged,
+        "invoke_subgraph": unchanged,
+    },
+)

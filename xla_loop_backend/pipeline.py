@@ -1,0 +1,134 @@
+"""The pipeline: every pass xla_loop runs on a graph, in order, and why in this order.
+
+    Dynamo graph
+      │  BEFORE_AUTOGRAD (each a rule per control-flow op kind, at every depth)
+      │    unalias      loops get distinct operands
+      │    while_loops  bounded / trainable while_loops, each returning a report
+      │    reports      reports of inner loops carried out to the graph's output
+      │    remat        trained loops store fewer carries (option `remat`)
+      ▼
+    AOTAutograd: forward and backward graphs (OP_FIXES patch torch's ops it traces)
+      │  AFTER_AUTOGRAD, on each graph
+      │    torch_xla_fixes   rewrites around torch_xla ops that give wrong results
+      │  lowering driver     control-flow nodes -> lowering rules (one XLA While each)
+      │  BEFORE_BRIDGE
+      │    distinct_outputs  keeps the bridge from mixing up outputs (a torch_xla bug)
+      ▼
+    torch_xla's bridge: one cached executable per graph (call.BridgeCall); around the whole
+    function, call.ReportingCall reads the loops' report once per call.
+
+Ordering constraints:
+- `unalias` first: torch's loop ops refuse aliased operands as soon as they are traced, and
+  the passes after it trace nothing but must see a graph AOTAutograd will accept.
+- `while_loops` before `reports`: it makes the loops that report.
+- `reports` before AOTAutograd: the graph's outputs are fixed when it is traced.
+- `remat` after `while_loops`: it sets the `remat` option of the calls that pass makes
+  (before or after `reports`: the segmented scan passes extra ys through).
+- OP_FIXES before anything traces a loop op (installed at import): they fix the op itself,
+  so they reach loops at every depth, also those the passes make, and eager calls.
+- `torch_xla_fixes` before the lowering driver: it rewrites ops inside loop bodies, which
+  the driver stages as XLA computations.
+- `distinct_outputs` after the lowering driver, which finds the graph's int outputs by their
+  nodes: it only wraps the outputs the bridge sees.
+
+`compile` runs the pipeline; the backend (`backend.xla_loop`), `inspect.lowered_hlo` and the
+tests all go through it.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Sequence
+
+import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
+
+from .call import BridgeCall, ReportingCall
+from .errors import LoopLoweringError
+from .fallback import warn_host_loop
+from .lowering.driver import lower_loops
+from .options import Options, PassContext, stack_capacity
+from .passes import reports, remat, torch_fixes, torch_xla_fixes, unalias, while_loops
+
+BEFORE_AUTOGRAD = (unalias.PASS, while_loops.PASS, reports.PASS, remat.PASS)
+OP_FIXES = torch_fixes.OP_FIXES
+AFTER_AUTOGRAD = (torch_xla_fixes.PASS,)
+BEFORE_BRIDGE = (torch_xla_fixes.DISTINCT_OUTPUTS,)
+
+for _install in OP_FIXES:
+    _install()
+
+GraphCompiler = Callable[[torch.fx.GraphModule, Sequence[Any]], Callable[..., Any]]
+
+
+def compile(  # noqa: A001 - the pipeline's one entry
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: Options,
+    graph_compiler: GraphCompiler | None = None,
+) -> Callable[..., Any]:
+    """Run the pipeline on a Dynamo graph; returns the compiled function.
+
+    `graph_compiler` compiles each graph AOTAutograd makes (default: `compile_graph`, the
+    passes after AOTAutograd then torch_xla's bridge). A loop that cannot be lowered is an
+    error under `fullgraph=True`; otherwise the graph runs eagerly with a warning."""
+    graph_compiler = graph_compiler or compile_graph
+    fullgraph = fullgraph_requested()
+    original = None if fullgraph else copy.deepcopy(gm)
+    context = PassContext.for_graph(options, example_inputs)
+    try:
+        for graph_pass in BEFORE_AUTOGRAD:
+            graph_pass.run(gm, context)
+
+        # A compile with a larger stack runs later, at call time: in Dynamo's tracing context
+        # of this graph (its fake tensors and shape environment), as the first one does.
+        tracing_context = torch._guards.TracingContext.try_get()
+
+        def build(capacity: int) -> Callable[..., Any]:
+            # A new aot_autograd backend each time: torch 2.9's instance wraps its bw_compiler
+            # once more per call, so a shared one nests a wrapper per compiled graph (memory,
+            # and after some hundreds of graphs a stack overflow in the backward pass).
+            with torch._guards.tracing(tracing_context), stack_capacity(capacity):
+                return aot_autograd(fw_compiler=graph_compiler, bw_compiler=graph_compiler)(gm, example_inputs)
+
+        if not context.reports:
+            return build(options.first_capacity())
+        return ReportingCall(
+            build, options.first_capacity(), context.reporting_loops, options.max_iterations, context.trains_loops
+        )
+    except LoopLoweringError as error:
+        if fullgraph:
+            raise
+        warn_host_loop(f"could not lower a loop, so its graph runs eagerly ({error})")
+        return original.forward
+
+
+def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    """The graph compiler AOTAutograd calls for each graph: the passes after AOTAutograd,
+    the lowering driver, then torch_xla's bridge (`call.BridgeCall`)."""
+    try:
+        for graph_pass in AFTER_AUTOGRAD:
+            graph_pass.run(gm)
+        lowered = lower_loops(gm)
+        for graph_pass in BEFORE_BRIDGE:
+            graph_pass.run(lowered.module)
+    except LoopLoweringError as error:
+        if fullgraph_requested():
+            raise
+        warn_host_loop(f"could not lower a loop, so its graph runs eagerly ({error})")
+        return make_boxed_func(gm.forward)
+    return make_boxed_func(BridgeCall(lowered))
+
+
+def fullgraph_requested() -> bool:
+    """Whether the surrounding torch.compile call asked for fullgraph=True."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:
+        return False
+    return bool(getattr(tx, "one_graph", False) or getattr(tx, "error_on_graph_break", False))
+
+
+__all__ = ["AFTER_AUTOGRAD", "BEFORE_AUTOGRAD", "BEFORE_BRIDGE", "OP_FIXES", "compile", "compile_graph", "fullgraph_requested"]
