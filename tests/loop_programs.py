@@ -5,7 +5,7 @@ A program is Python source: ``def program(n, <inputs>, w3, w4)`` that runs one l
 scan, forward or reverse) over a pytree of carries with random dtypes (float32, bfloat16,
 int32, int64, bool) and shapes. Bodies draw from a vocabulary of ops: elementwise,
 reductions, matmul with captured weights, static and data-dependent indexing, where,
-casts, in-place updates of temporaries, and loops nested in the body. The loop functions
+casts, in-place updates of temporaries, and loops (or a cond) nested in the body. The loop functions
 are looked up as ``L.while_loop`` / ``L.scan`` / ``L.fori_loop``, so the same source runs
 with ``L = reference_loops`` (plain Python loops, eager on CPU) and ``L = xla_loop_backend``.
 
@@ -226,7 +226,15 @@ class _Writer:
 
     def nested_loop(self, v: Var) -> None:
         name = self.fresh("inner")
-        kind = self.pick(["fori", "while", "scan"])
+        kind = self.pick(["fori", "while", "scan", "cond"])
+        if kind == "cond":
+            # a branch on the device: a bool from the scope, and a step each way
+            pred = f"({self.expr('bool', (), 1)}).reshape(())"
+            branches = [_Writer(self.draw, self.env + [Var("u", v.dtype, v.shape)], depth=1) for _ in range(2)]
+            steps = [f"lambda u: torch.tanh({b.expr(v.dtype, v.shape)})" for b in branches]
+            self.lines.append(f"{name} = L.cond({pred}, {steps[0]}, {steps[1]}, ({v.name},))")
+            self.env.append(Var(name, v.dtype, v.shape))
+            return
         inner = _Writer(self.draw, self.env + [Var("u", v.dtype, v.shape), Var("j", "int64", ())], depth=1)
         step = f"torch.tanh({inner.expr(v.dtype, v.shape)})"
         if kind == "fori":

@@ -44,3 +44,7 @@ def map(f: Callable, xs: Any, *args: Any) -> Any:  # noqa: A001 - torch's name
     out_leaves = [pytree.tree_flatten(o)[0] for o in outs]
     stacked = [torch.stack([o[k] for o in out_leaves]) for k in range(len(out_leaves[0]))]
     return pytree.tree_unflatten(stacked, pytree.tree_flatten(outs[0])[1])
+
+
+def cond(pred: Any, true_fn: Callable, false_fn: Callable, operands: Any) -> Any:
+    return true_fn(*operands) if bool(pred) else false_fn(*operands)

@@ -1,5 +1,5 @@
-"""xla_loop_backend.while_loop / scan / fori_loop (xla_loop_backend/api.py): results match
-eager CPU, eagerly and compiled. (Bad input: test_errors.py.)"""
+"""xla_loop_backend.while_loop / scan / fori_loop / cond (xla_loop_backend/api.py): results
+match eager CPU, eagerly and compiled. (Bad input: test_errors.py.)"""
 from __future__ import annotations
 
 import os
@@ -166,3 +166,58 @@ def test_copied_outputs_add_no_copy_to_the_while_body():
 
 def test_one_import_gives_every_loop_form():
     assert {"while_loop", "scan", "fori_loop", "compile"} <= set(xla_loop_backend.__all__)
+
+
+# ---------------------------------------------------------------- what torch_xla's own loop tests pass
+
+
+def _scan_without_ys(init, xs):
+    return scan(lambda c, x: (torch.cos(c) + x, None), init, xs)
+
+
+def _scan_with_some_ys(init, xs):
+    return scan(lambda c, x: (c + x, (c * 2, None, {"skip": None, "keep": x.sum()})), init, xs)
+
+
+def test_scan_ys_may_be_none_or_hold_nones():
+    # torch_xla's scan and scan_layers return None for the ys they do not need.
+    (carry, ys), _ = check_against_eager(_scan_without_ys, torch.ones(2), torch.randn(3, 2))
+    assert ys is None
+    (_, ys), _ = check_against_eager(_scan_with_some_ys, torch.ones(2), torch.randn(3, 2))
+    assert ys[1] is None and ys[2]["skip"] is None and ys[0].shape == (3, 2)
+
+
+def test_scan_without_ys_trains():
+    # torch_xla's test_scan_output_none: gradients through a scan whose ys are None.
+    dev = xla_device()
+    init = torch.tensor([1.0, 1.0], device=dev, requires_grad=True)
+    xs = torch.tensor([[2.0, 3.0], [4.0, 5.0], [6.0, 7.0]], device=dev, requires_grad=True)
+    carry, ys = _scan_without_ys(init, xs)
+    carry.sum().backward()
+    init_cpu, xs_cpu = init.detach().cpu().requires_grad_(), xs.detach().cpu().requires_grad_()
+    c = init_cpu
+    for x in xs_cpu:
+        c = torch.cos(c) + x
+    c.sum().backward()
+    assert ys is None
+    torch.testing.assert_close(init.grad.cpu(), init_cpu.grad)
+    torch.testing.assert_close(xs.grad.cpu(), xs_cpu.grad)
+
+
+def test_fori_loop_bounds_may_be_one_element_tensors():
+    # torch_xla's fori_loop tests pass bounds as torch.tensor([n]).
+    def f(lower, upper, x):
+        return fori_loop(lower, upper, lambda i, x: x * 2 + i.to(x.dtype), x)
+
+    check_against_eager(f, torch.tensor([1]), torch.tensor([4]), torch.ones(2))
+
+
+def test_cond_eagerly_and_compiled():
+    from xla_loop_backend import cond
+
+    x = torch.tensor([1.0, -2.0, 3.0])
+    for pred in (torch.tensor(True), torch.tensor(False)):
+        expected = x if pred else -x
+        assert torch.equal(cond(pred, lambda x: x, lambda x: -x, (x,)), expected)  # on CPU: torch's cond
+        assert torch.equal(cond(pred, lambda x: x, lambda x: -x, (x.to(xla_device()),)).cpu(), expected)
+    check_against_eager(lambda p, x: cond(p.sum() > 0, lambda x: x * 2, lambda x: x, (x,)), torch.tensor([1]), x)

@@ -118,7 +118,7 @@ CATALOGUE: dict[str, tuple[Callable[..., Any], str]] = {
     ),
     "fori_loop with a float bound": (
         lambda n, x: fori_loop(0, n.float(), lambda i, c: c * 2, x, name="F"),
-        r"fori_loop 'F'.*upper bound must be an int or a 0-dim integer tensor, found float32\[\]",
+        r"fori_loop 'F'.*upper bound must be an int or an integer tensor with one element, found float32\[\]",
     ),
     # -- bodies that update tensors in place
     "body updates its input carry in place": (

@@ -23,7 +23,7 @@ from training_programs import TrainingProgram, training_programs, xla_loops
 import reference_loops
 import xla_loop_backend
 
-GRAD_FUZZ_EXAMPLES = int(os.environ.get("XLA_LOOP_GRAD_FUZZ_EXAMPLES", "30"))
+GRAD_FUZZ_EXAMPLES = int(os.environ.get("XLA_LOOP_GRAD_FUZZ_EXAMPLES", "50"))
 GRAD_FUZZ_SEED = os.environ.get("XLA_LOOP_GRAD_FUZZ_SEED")
 TOLERANCE = 1e-4
 

@@ -38,7 +38,7 @@ def test_loop_nodes_are_replaced_and_subgraphs_dropped():
     assert not any(n.op == "get_attr" for n in lowered.module.graph.nodes)
     targets = [n.target.__name__ for n in lowered.module.graph.nodes if n.op == "call_function" and "xla_loop" in str(n.target)]
     assert targets == ["xla_loop_while_loop_0", "xla_loop_while_loop_1"]
-    assert lowered.int_outputs == []
+    assert lowered.scalar_outputs == {}
 
 
 def test_int_results_are_marked_for_read_back():
@@ -48,7 +48,7 @@ def test_int_results_are_marked_for_read_back():
 
     (gm,) = _aot_graphs(f, torch.zeros(2))
     lowered = lower_loops(gm)
-    assert lowered.int_outputs == [1, 2]
+    assert lowered.scalar_outputs == {1: int, 2: int}
 
 
 def test_data_dependent_shape_in_body_is_rejected_at_compile_time():

@@ -58,7 +58,7 @@ def test_scan_and_map_return_the_report_as_one_more_y(kind):
     (outer,) = [s for s in sites(gm) if s.depth == 0]
     body = next(iter(outer.call.subgraphs().values()))
     body_outputs = next(n for n in body.graph.nodes if n.op == "output").args[0]
-    assert body_outputs[-1].target is reports._as_float  # the report crosses torch's op as a float
+    assert body_outputs[-1].meta == {} and body_outputs[-1].target is operator.getitem  # the inner loop's report
     steps = [u for u in outer.call.node.users if u.target is operator.getitem and u.args[1] == len(body_outputs) - 1]
     assert len(steps) == 1 and [u.target for u in steps[0].users] == [torch.amax]
     assert context.reports
@@ -80,8 +80,7 @@ def test_cond_branches_both_return_a_report():
     gm, context, _ = _bounded(f, torch.tensor(2), torch.ones(2))
     branches = next(s for s in sites(gm) if s.call.kind == "cond").call.subgraphs().values()
     lasts = [next(n for n in b.graph.nodes if n.op == "output").args[0][-1] for b in branches]
-    assert [n.target for n in lasts] == [reports._as_float, reports._as_float]
-    assert lasts[1].args[0].target is reports._no_report  # the branch without a loop reports 0
+    assert [n.target for n in lasts] == [operator.getitem, reports._no_report]  # the branch without a loop reports 0
 
 
 def test_a_subgraph_called_twice_reports_at_both_calls():
@@ -92,7 +91,11 @@ def test_a_subgraph_called_twice_reports_at_both_calls():
     gm, context, _ = _bounded(lambda n, x: layer(n, layer(n, x)), torch.tensor(2), torch.ones(2))
     calls = [s for s in sites(gm) if s.call.kind == "invoke_subgraph"]
     assert len(calls) == 2
-    assert all(any(u.target is reports._as_int for g in s.call.node.users for u in g.users) for s in calls)
+    subgraph = calls[0].call.subgraph("subgraph")
+    index = len(next(n for n in subgraph.graph.nodes if n.op == "output").args[0]) - 1
+    for site in calls:
+        assert any(u.target is operator.getitem and u.args[1] == index for u in site.call.node.users)
+    assert context.reports
 
 
 def test_a_bounded_loop_in_a_cond_fn_is_an_error():

@@ -38,7 +38,7 @@ def torch_create_bw_fn():
     try:
         yield
     finally:
-        torch_fixes.install_distinct_vjp_outputs()
+        torch_fixes.install_vjp_fixes()
 
 
 def _scan_gradients(run_scan):
@@ -144,3 +144,32 @@ def test_distinct_outputs_copies_tensors_that_share_storage():
     assert out[0] is a and out[1] is b and out[4] == 7
     assert out[2] is not a and torch.equal(out[2], a)
     assert out[3].untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
+
+
+def _scan_with_an_integer_y(w, init, xs):
+    return scan(lambda c, x: (c * w + x, (c > 0).sum()), init, xs)
+
+
+def test_a_scan_with_an_integer_y_trains():
+    w = torch.tensor([1.0, 0.5], requires_grad=True)
+    init, xs = torch.ones(2), torch.tensor([[1.0, -3.0], [2.0, 1.0], [-1.0, 1.0]])
+    for device in ("cpu", xla_device()):
+        w_d = w.detach().to(device).requires_grad_()
+        fn = _scan_with_an_integer_y if device == "cpu" else torch.compile(_scan_with_an_integer_y, backend="xla_loop", fullgraph=True)
+        carry, counts = fn(w_d, init.to(device), xs.to(device))
+        carry.sum().backward()
+        c, expected_counts = init, []
+        for x in xs:
+            expected_counts.append((c > 0).sum())
+            c = c * w + x
+        expected = torch.autograd.grad(c.sum(), w)[0]
+        assert torch.equal(counts.cpu(), torch.stack(expected_counts))
+        torch.testing.assert_close(w_d.grad.cpu(), expected)
+
+
+def test_torch_scan_backward_still_fails_on_an_integer_y():
+    # When this fails, torch's scan takes integer ys in training and the fix can go.
+    w = torch.tensor([1.0, 0.5], requires_grad=True)
+    with torch_create_bw_fn(), pytest.raises(AssertionError):
+        carry, _ = _scan_with_an_integer_y(w, torch.ones(2), torch.ones(3, 2))
+        carry.sum().backward()

@@ -128,11 +128,24 @@ def test_exceeding_max_iterations_is_an_error_then_the_process_still_works():
     torch.testing.assert_close(loss.cpu(), model.cpu()(torch.tensor(4), x.cpu(), python=True).detach())
 
 
-@pytest.mark.parametrize("n", [0, 1, 7, 300])
-def test_training_through_while_loop_needs_no_bound(n):
-    # The loop's real trip count is stored on the device (passes/stacked_while.py); the
-    # stack grows on demand (300 > the first capacity, 64).
-    train_step_against_python(StepperWithHead, lambda: (torch.tensor(n), torch.randn(4, 6)))
+def test_training_through_while_loop_needs_no_options():
+    # torch.compile(model, backend="xla_loop"), nothing else: the loop's real trip count is
+    # stored on the device (passes/stacked_while.py), and the stack grows on demand (300 >
+    # the first capacity, 64), recompiling once.
+    torch.manual_seed(0)
+    reference = StepperWithHead()
+    model = copy.deepcopy(reference).to(xla_device())
+    compiled = torch.compile(model, backend="xla_loop")
+    x = torch.randn(4, 6)
+    for n in (0, 1, 7, 300):
+        reference.zero_grad()
+        model.zero_grad()
+        expected = reference(torch.tensor(n), x, python=True)
+        expected.backward()
+        loss = compiled(torch.tensor(n, device=xla_device()), x.to(xla_device()))
+        loss.backward()
+        torch.testing.assert_close(loss.detach().cpu(), expected.detach(), rtol=1e-4, atol=1e-4)
+        assert_grads_close(grads(model), grads(reference))
 
 
 def test_max_iterations_as_a_torch_compile_option():

@@ -40,8 +40,10 @@ Left out, and why:
 * ``MixedDevice`` -- GPU-only upstream (``device=GPU_TYPE``); it moves the loop counter to the
   CPU inside the compiled region to test inductor's mixed cpu/cuda carries, not while_loop.
 * ``MixedDevice2`` -- upstream expects an error (carry device changes after one iteration).
-* ``WhileLoopStackOutputSimple`` -- uses ``torch.ops.higher_order.while_loop_stack_output``,
-  a different higher-order op (the forward of while_loop's autograd), not while_loop.
+* ``WhileLoopStackOutputSimple`` -- uses ``torch.ops.higher_order.while_loop_stack_output``
+  (the forward of torch's while_loop autograd), whose outputs' length is the trip count:
+  no static-shape XLA program can return them. It is tested to be a clear error under
+  fullgraph (and an eager fallback with a warning otherwise), not a crash.
 * every ``autograd=True`` parametrization (backward through while_loop) -- out of scope.
 * the upstream assertions that the inputs are not mutated and that the dynamic run compiles
   exactly once (``frame_count == 1``) -- they belong to upstream's harness; the shared
@@ -490,3 +492,30 @@ def test_conv(dynamic, counter, dtype):
     model = _frozen(Conv(dtype))
     inputs = (torch.randn(2, 4, 4, 4, dtype=dtype),)
     _run(model, [counter], inputs, dynamic, TOL)
+
+
+class WhileLoopStackOutputSimple(torch.nn.Module):
+    def forward(self, c, a, b):
+        def cond_fn(c, a, b):
+            return c > 0
+
+        def body_fn(c, a, b):
+            return c - 1, a + b, a * b
+
+        return torch.ops.higher_order.while_loop_stack_output(cond_fn, body_fn, (c, a, b), tuple())
+
+
+def test_while_loop_stack_output_is_a_clear_error_then_a_warned_fallback():
+    from loop_testing import xla_device
+
+    from xla_loop_backend import LoopLoweringError
+
+    model, dev = WhileLoopStackOutputSimple(), xla_device()
+    args = (torch.tensor(3), torch.randn(2), torch.randn(2))
+    import xla_loop_backend
+
+    with pytest.raises(LoopLoweringError, match="while_loop_stack_output.*length is the trip count, known only at run time"):
+        xla_loop_backend.compile(model, fullgraph=True)(*[a.to(dev) for a in args])
+    torch._dynamo.reset()
+    with pytest.warns(LoopFallbackWarning, match="while_loop_stack_output"):
+        check_against_eager(model, *args, fullgraph=False)

@@ -10,7 +10,8 @@ A program is the source of a module, ``class Program(torch.nn.Module)``, whose f
 - fori_loop with tensor bounds (a while_loop) and with static bounds (a scan);
 - scan over the sequence input xs or over a stack of the current state, with ys that
   enter the loss, and scan whose carry starts without grad;
-- map over xs.
+- map over xs;
+- cond on a trip count or an input, its branches running pieces and loops.
 
 Loop bodies read their carries, the parameters, the inputs x and xs, the trip counts
 and the carries of the loops around them. Values stay bounded (tanh, LayerNorm). The
@@ -28,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 from hypothesis import strategies as st
+from torch._higher_order_ops.cond import cond as torch_cond
 from torch._higher_order_ops.map import map as torch_map
 
 import xla_loop_backend
@@ -35,12 +37,13 @@ import xla_loop_backend
 BATCH, DIM, LENGTH = 2, 4, 3
 MAX_DEPTH = 3
 
-# The loops as xla_loop compiles them (xla_loop_backend has no map of its own: torch's).
+# The loops as xla_loop compiles them (xla_loop_backend has no map or cond of its own: torch's).
 xla_loops = types.SimpleNamespace(
     while_loop=xla_loop_backend.while_loop,
     scan=xla_loop_backend.scan,
     fori_loop=xla_loop_backend.fori_loop,
     map=torch_map,
+    cond=torch_cond,
 )
 
 
@@ -121,7 +124,7 @@ class _Writer:
         """Lines (appended to `lines`) computing a new state from `h`; returns its name.
         Without `xs` (inside a map body), loops run over a stack of the state instead: torch's
         map refuses a body that reads the tensor it maps over (its slices alias it)."""
-        loops = ["while", "while_acc", "fori_tensor", "fori_static", "scan", "scan_stack", "scan_acc", "map"]
+        loops = ["while", "while_acc", "fori_tensor", "fori_static", "scan", "scan_stack", "scan_acc", "map", "cond"]
         # Loops are likelier near the top, so programs nest 1-3 deep but stay small.
         kinds = ["piece"] * (2 + 2 * depth) + (loops if depth < MAX_DEPTH else [])
         if depth == 0:
@@ -161,6 +164,18 @@ class _Writer:
                 f"(torch.zeros((), dtype=torch.int64, device=dev), {h}, torch.zeros_like({h})))"
             )
             lines.append(f"{indent}{out} = {out} + {acc}")
+            return out
+        if kind == "cond":
+            # Predicates that are the same on both sides: trip counts, an input (not inside a
+            # map body: the map may have been handed x).
+            pred = self.pick(["(n % 2 == 0)", "(m > 2)"] + (["(x.sum() > 0)"] if xs else []))
+            names = []
+            for branch in ("yes", "no"):
+                names.append(self.fresh(branch))
+                lines.append(f"{indent}def {names[-1]}({c}):")
+                inner = self.body(c, e, depth, lines, indent + "    ", scope, xs)
+                lines.append(f"{indent}    return {inner}")
+            lines.append(f"{indent}{out} = L.cond({pred}, {names[0]}, {names[1]}, ({h},))")
             return out
         stack = f"torch.stack([{h}, {h} * 0.5, -{h}])"
         if kind in ("scan", "scan_stack", "scan_acc"):

@@ -3,10 +3,11 @@
     torch.compile(model, backend="xla_loop")     # no import needed (entry point)
     @xla_loop_backend.compile                     # the same, as a decorator
 
-while_loop, scan (and torch's map) lower to one XLA While each; the rest of the graph goes
-through torch_xla's openxla bridge. `while_loop`, `scan` and `fori_loop` here are torch's
-loops with errors that name the loop and the carry, and they run as one While even when
-called outside torch.compile on XLA tensors.
+while_loop, scan (and torch's map) lower to one XLA While each, cond to one XLA
+Conditional; the rest of the graph goes through torch_xla's openxla bridge. `while_loop`,
+`scan`, `fori_loop` and `cond` here are torch's ops with errors that name the loop and the
+carry, and they run on the device (one While, one Conditional) even when called outside
+torch.compile on XLA tensors.
 """
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ from ._device import select_default_device, use_single_threaded_cpu_kernels
 select_default_device()
 use_single_threaded_cpu_kernels()
 
-from .api import fori_loop, scan, while_loop  # noqa: E402
+from .api import cond, fori_loop, scan, while_loop  # noqa: E402
 from .backend import compile, compile_graph, xla_loop  # noqa: E402
 from .fallback import LoopFallbackWarning  # noqa: E402
 from .errors import LoopLoweringError  # noqa: E402
 
 __all__ = [
     "compile",
+    "cond",
     "compile_graph",
     "fori_loop",
     "scan",

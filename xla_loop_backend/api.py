@@ -1,4 +1,4 @@
-"""User-facing loop functions: `while_loop`, `scan` and `fori_loop`, with clear errors.
+"""User-facing loop functions: `while_loop`, `scan`, `fori_loop` and `cond`, with clear errors.
 
 Each checks its inputs and what its body returns by pytree path, so an error names the
 loop, the carry and what was expected vs found (torch's own checks report a flat position,
@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.utils._pytree as pytree
+from torch._higher_order_ops.cond import cond as _torch_cond
 from torch._higher_order_ops.scan import scan as _torch_scan
 from torch._higher_order_ops.while_loop import while_loop as _torch_while_loop
 
@@ -108,9 +109,42 @@ def scan(
                 f"{loop}: combine_fn must return a pair (next carry, y), found {_structure(out)}"
             )
         _check_same_carries(loop, "combine_fn", "init", out[0], carry)
-        return _as_new_carries((out[0], out[1]))
+        return _as_new_carries((out[0], _hide_none(out[1], xs_leaves[0][1].device)))
 
-    return _on_device(_run_scan, loop, checked_combine, pytree.tree_map(_dense, init), xs, dim, reverse)
+    carry, ys = _on_device(_run_scan, loop, checked_combine, pytree.tree_map(_dense, init), xs, dim, reverse)
+    return carry, _show_none(ys)
+
+
+def cond(
+    pred: bool | torch.Tensor,
+    true_fn: Callable[..., Any],
+    false_fn: Callable[..., Any],
+    operands: Sequence[Any] = (),
+    *,
+    name: str | None = None,
+) -> Any:
+    """``true_fn(*operands) if pred else false_fn(*operands)``, the branch chosen on the device.
+
+    `pred` is a bool or a one-element tensor; both branches must return the same structure,
+    shapes and dtypes. Under xla_loop it is one XLA Conditional: the predicate is never
+    read back, and either branch runs from the same executable. A branch may return its
+    operands or tensors it captured (outputs are copied: torch's cond rejects aliasing).
+    """
+    label = _loop_label("cond", name, true_fn)
+    if not isinstance(operands, (tuple, list)):
+        raise_loop_error(f"{label}: operands must be a tuple or list, found {describe_value(operands)}")
+    _check_leaves(label, "operand", "operands", tuple(operands), allow_ints=True)
+    paths = _tensor_paths("operands", tuple(operands))
+
+    def branch(fn: Callable[..., Any], fn_name: str) -> Callable[..., Any]:
+        def checked(*args: Any) -> Any:
+            return _as_new_carries(call_checked(label, fn_name, paths, fn, *args))
+
+        return checked
+
+    if isinstance(pred, torch.Tensor) and pred.device.type != "xla" and _on_xla(operands):
+        pred = pred.to(next(t.device for t in pytree.tree_leaves(operands) if isinstance(t, torch.Tensor)))
+    return _on_device(_run_cond, label, pred, branch(true_fn, "true_fn"), branch(false_fn, "false_fn"), tuple(operands))
 
 
 def fori_loop(
@@ -148,8 +182,10 @@ def fori_loop(
         final = _on_device(_run_static_fori, loop, step, lower, upper, leaves)
     else:
         for what, bound in (("lower", lower), ("upper", upper)):
-            if isinstance(bound, torch.Tensor) and (bound.dim() != 0 or bound.is_floating_point() or bound.is_complex()):
-                raise_loop_error(f"{loop}: {what} bound must be an int or a 0-dim integer tensor, found {describe_value(bound)}")
+            if isinstance(bound, torch.Tensor) and (bound.numel() != 1 or bound.is_floating_point() or bound.is_complex()):
+                raise_loop_error(
+                    f"{loop}: {what} bound must be an int or an integer tensor with one element, found {describe_value(bound)}"
+                )
         final = _on_device(_run_dynamic_fori, loop, step, lower, upper, leaves, device)
     return pytree.tree_unflatten(list(final), spec)
 
@@ -164,6 +200,13 @@ def fori_loop(
 def _run_while_loop(loop: str, cond_fn: Callable, body_fn: Callable, carried_inputs: tuple) -> Any:
     tracing_loop(loop)
     out = _fresh(_torch_while_loop(cond_fn, body_fn, carried_inputs))
+    traced_loop(loop)
+    return out
+
+
+def _run_cond(loop: str, pred: Any, true_fn: Callable, false_fn: Callable, operands: tuple) -> Any:
+    tracing_loop(loop)
+    out = _torch_cond(pred, true_fn, false_fn, operands)
     traced_loop(loop)
     return out
 
@@ -207,8 +250,8 @@ def _fresh(results: Any) -> Any:
 
 
 def _index_tensor(bound: Any, device: Any) -> torch.Tensor:
-    if isinstance(bound, torch.Tensor):
-        return bound.to(dtype=torch.int64, device=device).clone()
+    if isinstance(bound, torch.Tensor):  # 0-dim, or one element (torch_xla's fori_loop tests pass those)
+        return bound.reshape(()).to(dtype=torch.int64, device=device).clone()
     return torch.full((), bound, dtype=torch.int64, device=device)
 
 
@@ -313,6 +356,26 @@ def _as_new_carries(outputs: Any) -> Any:
         lambda value: value.clone(memory_format=torch.contiguous_format) if isinstance(value, torch.Tensor) else value,
         outputs,
     )
+
+
+# A y that is None, or a None inside y (torch_xla's scan and scan_layers return None for ys
+# they do not need): torch's scan takes None for a pytree leaf and fails on it, and a loop
+# body traced by Dynamo cannot tell the code after the loop where its Nones were. So each
+# None travels as an empty marker tensor (float32, shape (0, 0, 0, 0, 0): no data, nothing
+# in the XLA program; floating, as torch's scan autograd fails on other ys) and its stacked
+# form comes back as None.
+_NONE_MARKER_SHAPE = (0, 0, 0, 0, 0)
+
+
+def _hide_none(y: Any, device: Any) -> Any:
+    return pytree.tree_map(lambda leaf: torch.zeros(_NONE_MARKER_SHAPE, dtype=torch.float32, device=device) if leaf is None else leaf, y)
+
+
+def _show_none(ys: Any) -> Any:
+    def marker(leaf: Any) -> bool:
+        return isinstance(leaf, torch.Tensor) and leaf.dtype == torch.float32 and tuple(leaf.shape[1:]) == _NONE_MARKER_SHAPE
+
+    return pytree.tree_map(lambda leaf: None if marker(leaf) else leaf, ys)
 
 
 def _dense(value: Any) -> Any:

@@ -2,7 +2,7 @@
 
 - `BridgeCall`, per AOTAutograd graph (forward, backward): builds torch_xla's cached
   executable on the first call (the bridge needs real device inputs), calls it, and reads
-  the graph's Python int results back (once, after the whole graph ran).
+  the graph's Python int and bool results back (once, after the whole graph ran).
 - `ReportingCall`, around the whole compiled function when its graph has bounded or
   trained while_loops (`passes/while_loops.py`): reads the loops' report (one scalar, one
   host read per call, none per iteration); raises if a loop was still running after
@@ -31,9 +31,9 @@ class BridgeCall:
         if self.compiled is None:
             self.compiled = _extract_compiled_graph(self.lowered.module, args)
         result = self.compiled(*args)
-        if not self.lowered.int_outputs:
+        if not self.lowered.scalar_outputs:
             return result
-        return _ints_at(result, self.lowered.int_outputs)
+        return _scalars_at(result, self.lowered.scalar_outputs)
 
 
 def _extract_compiled_graph(gm: torch.fx.GraphModule, args: Sequence[Any]) -> Callable[..., Any]:
@@ -72,12 +72,12 @@ def _private_scalars(args: Sequence[Any]) -> list[Any]:
     return copies
 
 
-def _ints_at(result: Any, positions: list[int]) -> Any:
-    """One host read per int result, after the whole graph ran."""
+def _scalars_at(result: Any, types: dict[int, type]) -> Any:
+    """One host read per Python scalar result, after the whole graph ran."""
     single = not isinstance(result, (list, tuple))
     values = [result] if single else list(result)
-    for i in positions:
-        values[i] = int(values[i].item())
+    for i, python_type in types.items():
+        values[i] = python_type(values[i].item())
     return values[0] if single else type(result)(values) if isinstance(result, tuple) else values
 
 

@@ -42,6 +42,7 @@ class OpSpec:
     kind: str
     fields: tuple[tuple[str, str], ...]
     variadic: bool = False
+    unsupported: str = ""  # why xla_loop does not lower this op, said in its errors
 
     def names(self, role: str) -> list[str]:
         return [name for name, r in self.fields if r == role]
@@ -68,7 +69,16 @@ _WHILE_FIELDS = (("cond_fn", SUBGRAPH), ("body_fn", SUBGRAPH), ("carried_inputs"
 # torch's control-flow ops. (associative_scan is known so that it is reported, not skipped.)
 _SPECS: dict[Any, OpSpec] = {
     _hop.while_loop: OpSpec("while_loop", _WHILE_FIELDS),
-    _hop.while_loop_stack_output: OpSpec("while_loop_stack_output", _WHILE_FIELDS),
+    _hop.while_loop_stack_output: OpSpec(
+        "while_loop_stack_output",
+        _WHILE_FIELDS,
+        unsupported=(
+            "it returns every iteration's carries stacked, a tensor whose length is the trip count, "
+            "known only at run time, and an XLA program needs static shapes. (torch's while_loop "
+            "autograd makes it; xla_loop trains through while_loop with a fixed-capacity stack "
+            "instead: call while_loop.)"
+        ),
+    ),
     _hop.scan: OpSpec("scan", (("combine_fn", SUBGRAPH), ("init", CARRIES), ("xs", XS), ("additional_inputs", CAPTURED))),
     _hop.map_impl: OpSpec("map", (("f", SUBGRAPH), ("xs", XS), ("pos_args", CAPTURED))),
     _hop.cond: OpSpec("cond", (("pred", PREDICATE), ("true_fn", SUBGRAPH), ("false_fn", SUBGRAPH), ("operands", CAPTURED))),
@@ -76,7 +86,9 @@ _SPECS: dict[Any, OpSpec] = {
         "invoke_subgraph", (("subgraph", SUBGRAPH), ("identifier", CONSTANT), ("operands", CAPTURED)), variadic=True
     ),
     _hop.associative_scan: OpSpec(
-        "associative_scan", (("combine_fn", SUBGRAPH), ("xs", XS), ("additional_inputs", CAPTURED))
+        "associative_scan",
+        (("combine_fn", SUBGRAPH), ("xs", XS), ("additional_inputs", CAPTURED)),
+        unsupported="use scan, which lowers to one XLA While.",
     ),
 }
 

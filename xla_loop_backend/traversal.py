@@ -121,9 +121,11 @@ class GraphPass:
         for site in sites(gm):
             rule = self.rules.get(site.call.kind)
             if rule is None:
+                why = site.call.spec.unsupported
                 raise LoopLoweringError(
-                    f"{site.name}: xla_loop has no lowering for `{op_name(site.call.node.target)}` yet "
+                    f"{site.name}: xla_loop has no lowering for `{op_name(site.call.node.target)}` "
                     f"(its `{self.name}` pass, which {self.purpose}, has no rule for {site.call.kind})"
+                    + (f": {why}" if why else "")
                 )
             rule(site, context)
         if self.finish is not None:

@@ -2,7 +2,8 @@
 
 A rule takes the FX node (for error messages; None when called directly), then the op's
 fields by name (`ops.OpSpec.bind`), with lazy XLA tensors for tensors and GraphModules for
-subgraphs, and returns the op's outputs as lazy XLA tensors built around one XLA While.
+subgraphs, and returns the op's outputs as lazy XLA tensors built around one XLA While (loops) or
+Conditional (cond).
 Nested loops inside a subgraph reach the same table through `SubgraphInterpreter`.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from ..errors import LoopLoweringError, loop_name
 from ..ops import spec_of
+from .cond import lower_cond
 from .scan import lower_map, lower_scan
 from .while_loop import lower_while_loop
 
@@ -22,6 +24,7 @@ LOWERING_RULES: dict[str, LoweringRule] = {
     "while_loop": lower_while_loop,
     "scan": lower_scan,
     "map": lower_map,
+    "cond": lower_cond,
 }
 
 
@@ -42,7 +45,8 @@ def rule_for(node: torch.fx.Node | None, target: Any) -> LoweringRule:
     if rule is None:
         raise LoopLoweringError(
             f"{loop_name(spec.kind, node)}: xla_loop has no lowering for `torch.ops.higher_order."
-            f"{getattr(target, '__name__', spec.kind)}` yet, so it cannot run inside the compiled graph"
+            f"{getattr(target, '__name__', spec.kind)}`, so it cannot run inside the compiled graph"
+            + (f": {spec.unsupported}" if spec.unsupported else "")
         )
     return rule
 

@@ -9,9 +9,9 @@ nested in a subgraph are lowered when the enclosing subgraph is traced.
 Before that, `CHECK` (a pass: one rule per op kind) rejects at compile time what cannot be
 lowered: an op with no lowering rule, or a loop body whose shapes depend on data.
 
-Python int results of a loop stay 0-dim device tensors inside the graph; `LoweredGraph`
-records which graph outputs the caller expects as ints so they are read back once, at the
-end of the call.
+Python int (and bool) results of a loop stay 0-dim device tensors inside the graph;
+`LoweredGraph` records which graph outputs the caller expects as Python scalars, and of
+which type, so they are read back once, at the end of the call.
 """
 from __future__ import annotations
 
@@ -32,11 +32,11 @@ from .subgraph import TensorScalarCall, is_symbolic_scalar
 
 @dataclass
 class LoweredGraph:
-    """The rewritten graph, and the output positions to return as Python ints."""
+    """The rewritten graph, and the output positions to return as Python ints or bools."""
 
     module: torch.fx.GraphModule
     num_loops: int
-    int_outputs: list[int] = field(default_factory=list)
+    scalar_outputs: dict[int, type] = field(default_factory=dict)
 
 
 def find_loop_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
@@ -90,10 +90,14 @@ def lower_loops(gm: torch.fx.GraphModule) -> LoweredGraph:
     gm.recompile()
     output = next(n for n in gm.graph.nodes if n.op == "output")
     outs = pytree.tree_leaves(output.args[0])
-    int_outputs = [
-        i for i, o in enumerate(outs) if isinstance(o, torch.fx.Node) and o in device_scalars
-    ]
-    return LoweredGraph(gm, len(loops), int_outputs)
+    scalar_outputs = {
+        i: _python_type(o) for i, o in enumerate(outs) if isinstance(o, torch.fx.Node) and o in device_scalars
+    }
+    return LoweredGraph(gm, len(loops), scalar_outputs)
+
+
+def _python_type(node: torch.fx.Node) -> type:
+    return bool if isinstance(node.meta.get("val"), (bool, torch.SymBool)) else int
 
 
 def _replace_loop_node(call: Call, index: int, device_scalars: set[torch.fx.Node]) -> None:

@@ -20,7 +20,7 @@ import torch_xla.core.xla_builder as xb
 from .. import metrics
 from ..errors import LoopLoweringError, describe_value, loop_name
 from .subgraph import SubgraphInterpreter, stage_computation
-from .while_state import WhileState, as_state_tensor, check_new_carries
+from .state import ControlFlowState, as_state_tensor, check_new_carries
 
 
 def lower_scan(
@@ -77,7 +77,7 @@ def _lower_scan_like(
         for y in combine.outputs[num_carries:]
     ]
 
-    state = WhileState()
+    state = ControlFlowState()
     (step,) = state.add([torch.zeros((), dtype=torch.int64, device=torch_xla.device())])
     carry_at = state.add(carries)
     ys_at = state.add(ys_init)

@@ -77,6 +77,14 @@ def _select_dynamic(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Ten
     return torch.index_select(x, dim, index.reshape(1)).squeeze(dim)
 
 
+def _select_scatter_dynamic(x: torch.Tensor, src: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """x with x.select(dim, index) = src, index on the device: a dynamic update slice."""
+    size = x.shape[dim]
+    index = scalar_to_tensor(index, INT_DTYPE)
+    index = torch.where(index < 0, index + size, index)
+    return x.index_copy(dim, index.reshape(1), src.unsqueeze(dim))
+
+
 def _full_dynamic(size: Sequence[int], fill: Any, **kwargs: Any) -> torch.Tensor:
     dtype = kwargs.get("dtype") or (fill.dtype if isinstance(fill, torch.Tensor) else None)
     return scalar_to_tensor(fill, dtype).expand(list(size)).clone()
@@ -89,6 +97,7 @@ _TENSOR_SCALAR_REPLACEMENTS: dict[Any, Callable] = {
     aten.scalar_tensor.default: lambda s, **kw: scalar_to_tensor(s, kw.get("dtype") or torch.get_default_dtype()),
     aten.full.default: _full_dynamic,
     aten.select.int: _select_dynamic,
+    aten.select_scatter.default: _select_scatter_dynamic,
 }
 
 

@@ -1,7 +1,7 @@
 """Lowering rule: `torch.ops.higher_order.while_loop` -> one XLA `While`.
 
 The While's state is (carries, additional inputs, then what cond and body captured; see
-`while_state`). cond and body become XLA computations called from the While's condition
+`state`). cond and body become XLA computations called from the While's condition
 and body; the body passes everything but the carries through unchanged.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch_xla.core.xla_builder as xb
 from .. import metrics
 from ..errors import LoopLoweringError, describe_value, loop_name
 from .subgraph import StagedComputation, SubgraphInterpreter, scalar_to_tensor, stage_computation
-from .while_state import WhileState, as_state_tensor, check_new_carries
+from .state import ControlFlowState, as_state_tensor, check_new_carries
 
 
 def lower_while_loop(
@@ -53,7 +53,7 @@ def lower_while_loop(
 def _build_while(
     cond: StagedComputation, body: StagedComputation, inputs: list[torch.Tensor], num_carries: int
 ) -> list[torch.Tensor]:
-    state = WhileState()
+    state = ControlFlowState()
     state.add(inputs)
     cond_call = state.attach(cond)
     body_call = state.attach(body)

@@ -2,9 +2,8 @@
 carried out of every enclosing op to one more output of the graph.
 
 A report is a 0-dim int64 (iterations a loop needed). Each kind of op passes the reports
-of the loops in its subgraphs out its own way. (torch's scan, map and cond differentiate
-every output of their subgraphs, and their autograd fails on integer ones, so a report
-crosses them as a float32: exact up to 2**24 iterations.)
+of the loops in its subgraphs out its own way. (An integer output of a scan, map or cond
+body trains since `torch_fixes` fixed their VJP.)
 
     while_loop (bounded_while)   its body returns the largest inner report as one more
                                  output, which the loop keeps the maximum of
@@ -39,10 +38,9 @@ def _pending(module: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return module.meta.setdefault(_PENDING, [])
 
 
-def _report_output(module: torch.fx.GraphModule, always: bool = False, as_float: bool = True) -> int | None:
+def _report_output(module: torch.fx.GraphModule, always: bool = False) -> int | None:
     """The index of the output at which `module` returns its largest report, making it
-    return one if it has reports (or, with `always`, 0 if it has none); as a float32 for
-    the subgraph of a torch op (see above)."""
+    return one if it has reports (or, with `always`, 0 if it has none)."""
     if _RETURNED_AT in module.meta:
         return module.meta[_RETURNED_AT]
     reports = module.meta.pop(_PENDING, [])
@@ -58,19 +56,9 @@ def _report_output(module: torch.fx.GraphModule, always: bool = False, as_float:
                 report = module.graph.call_function(torch.maximum, (report, other))
         else:
             report = module.graph.call_function(_no_report, (_tensor_input(module),))
-        if as_float:
-            report = module.graph.call_function(_as_float, (report,))
     output.args = ((*outs, report),)
     module.meta[_RETURNED_AT] = len(outs)
     return len(outs)
-
-
-def _as_float(report: torch.Tensor) -> torch.Tensor:
-    return report.to(torch.float32)
-
-
-def _as_int(report: torch.Tensor) -> torch.Tensor:
-    return report.to(torch.int64)
 
 
 def _no_report(like: torch.Tensor) -> torch.Tensor:
@@ -99,7 +87,7 @@ def while_loop(site: Site, context: PassContext) -> None:
     if call.node.target is not bounded_while:
         assert not call.subgraph("body_fn").meta.get(_PENDING), f"{site.name}: a loop inside an unbounded while_loop reports"
         return
-    if _report_output(call.subgraph("body_fn"), as_float=False) is not None:
+    if _report_output(call.subgraph("body_fn")) is not None:
         call.node.kwargs = {**call.node.kwargs, "body_reports": True}
     report = _after(call.node, operator.getitem, (call.node, len(call["carried_inputs"])))
     _pending(call.owner).append(report)
@@ -113,8 +101,7 @@ def stacked_steps(site: Site, context: PassContext) -> None:
     if index is None:
         return
     per_step = _after(call.node, operator.getitem, (call.node, index))
-    largest = _after(per_step, torch.amax, (per_step,))
-    _pending(call.owner).append(_after(largest, _as_int, (largest,)))
+    _pending(call.owner).append(_after(per_step, torch.amax, (per_step,)))
 
 
 def branches(site: Site, context: PassContext) -> None:
@@ -124,13 +111,12 @@ def branches(site: Site, context: PassContext) -> None:
     if all(_report_output(sub) is None for sub in subgraphs):
         return
     (index,) = {_report_output(sub, always=True) for sub in subgraphs}
-    report = _after(call.node, operator.getitem, (call.node, index))
-    _pending(call.owner).append(_after(report, _as_int, (report,)))
+    _pending(call.owner).append(_after(call.node, operator.getitem, (call.node, index)))
 
 
 def finish(gm: torch.fx.GraphModule, context: PassContext) -> None:
     """The graph returns the largest report of its top-level loops last."""
-    context.reports = _report_output(gm, as_float=False) is not None
+    context.reports = _report_output(gm) is not None
     for module in graph_modules(gm):
         module.meta.pop(_PENDING, None)
         module.meta.pop(_RETURNED_AT, None)

@@ -44,7 +44,7 @@ from torch._higher_order_ops.utils import (
 )
 from torch._higher_order_ops.while_loop import while_loop_op
 
-from .torch_fixes import create_bw_fn_with_distinct_outputs, distinct_outputs
+from .torch_fixes import create_bw_fn_fixed, distinct_outputs
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ class _StepsBack:
     ) -> None:
         self.loop, self.floats, self.wanted, self.dispatch_keys = loop, floats, wanted, dispatch_keys
         samples = [s[0].detach().requires_grad_(f) for s, f in zip(stacks, floats)]
-        self.body_vjp = create_bw_fn_with_distinct_outputs(loop.carries_only, (*samples, *captured))
+        self.body_vjp = create_bw_fn_fixed(loop.carries_only, (*samples, *captured))
 
     def step(
         self, carries: Sequence[Any], captured: Sequence[Any], grads: Sequence[torch.Tensor], acc: Sequence[torch.Tensor]

@@ -10,12 +10,17 @@ The fix wraps scan's autograd kernel: when the scan is differentiated, such carr
 made to require grad through a link with an exactly zero gradient, ``where(False, p, carry)``,
 to an operand p that does.
 
-The backward of scan, map and cond (pytorch/pytorch#185332, fixed after 2.9): each runs
-its body's vector-Jacobian product (`create_bw_fn`) as the body of another scan, map or
-cond, which refuses outputs that alias each other ("scan might be aliasing the input or
-the output!"). But autograd returns one tensor for two inputs whose gradients are equal,
-as for ``new = carry + x`` (torch_xla's first scan test, trained). The fix makes the
-VJP's outputs distinct tensors (`distinct_outputs`); the copies cost nothing in XLA.
+The backward of scan, map and cond runs its body's vector-Jacobian product (`create_bw_fn`)
+as the body of another scan, map or cond, and two things go wrong in torch 2.9:
+- that op refuses outputs that alias each other ("scan might be aliasing the input or the
+  output!", pytorch/pytorch#185332, fixed after 2.9), but autograd returns one tensor for
+  two inputs whose gradients are equal, as for ``new = carry + x`` (torch_xla's first
+  scan test, trained): the VJP's outputs are made distinct tensors (`distinct_outputs`;
+  the copies cost nothing in XLA);
+- scan passes the VJP a gradient for every output, but the VJP takes them only for the
+  floating ones, which alone are differentiable: a scan with an integer or bool y (a
+  count, a token id) failed to train ("AssertionError", eagerly too). The VJP now drops
+  the gradients of non-floating outputs.
 
 Both are installed once, at import (`OP_FIXES`); tests check that torch still needs them.
 """
@@ -88,15 +93,19 @@ def distinct_outputs(values: list[Any]) -> list[Any]:
     return distinct
 
 
-def create_bw_fn_with_distinct_outputs(fn: Callable[..., Any], args: Any) -> Callable[..., Any]:
-    """torch's `create_bw_fn`, its gradients made distinct tensors (see above)."""
+def create_bw_fn_fixed(fn: Callable[..., Any], args: Any) -> Callable[..., Any]:
+    """torch's `create_bw_fn`, taking gradients of floating outputs only and returning
+    distinct tensors (see above)."""
     bw_fn = _TORCH_CREATE_BW_FN(fn, args)
+    num_primals = len(args)
 
     @functools.wraps(bw_fn)
-    def distinct_bw_fn(*args_and_grads: Any) -> list[Any]:
-        return distinct_outputs(list(bw_fn(*args_and_grads)))
+    def fixed_bw_fn(*args_and_grads: Any) -> list[Any]:
+        primals, grads = args_and_grads[:num_primals], args_and_grads[num_primals:]
+        grads = [g for g in grads if not isinstance(g, torch.Tensor) or g.is_floating_point() or g.is_complex()]
+        return distinct_outputs(list(bw_fn(*primals, *grads)))
 
-    return distinct_bw_fn
+    return fixed_bw_fn
 
 
 # (importlib: `torch._higher_order_ops.scan` the attribute is the function, not the module.)
@@ -104,11 +113,11 @@ _MODULES_WITH_VJP_BODIES = tuple(importlib.import_module(f"torch._higher_order_o
 _TORCH_CREATE_BW_FN = _MODULES_WITH_VJP_BODIES[0].create_bw_fn
 
 
-def install_distinct_vjp_outputs() -> None:
-    """Make scan's, map's and cond's backward use `create_bw_fn_with_distinct_outputs`."""
+def install_vjp_fixes() -> None:
+    """Make scan's, map's and cond's backward use `create_bw_fn_fixed`."""
     for module in _MODULES_WITH_VJP_BODIES:
-        module.create_bw_fn = create_bw_fn_with_distinct_outputs
+        module.create_bw_fn = create_bw_fn_fixed
 
 
 # Op-level fixes, in the order they are installed (pipeline.py lists them with the passes).
-OP_FIXES = (install_scan_autograd_fix, install_distinct_vjp_outputs)
+OP_FIXES = (install_scan_autograd_fix, install_vjp_fixes)

@@ -1,11 +1,12 @@
-"""The state of one XLA While, shared by the loop rules.
+"""The operands of one XLA While or Conditional, shared by the lowering rules.
 
-An XLA While threads one tuple of values through its condition and body. Each rule puts
-its own tensors in it (carries, stacked outputs, inputs to slice), then attaches staged
-computations: the device data a computation captured ("hoisted" tensors) becomes more state,
-passed through unchanged. If a computation draws random numbers, torch_xla's RNG seed is
-one more element that the While advances every iteration, so each iteration draws fresh
-numbers.
+An XLA While threads one tuple of values through its condition and body; a Conditional
+passes one tuple to the branch it takes. Each rule puts its own tensors in it (carries,
+stacked outputs, inputs to slice, a cond's operands), then attaches staged computations:
+the device data a computation captured ("hoisted" tensors) becomes more state, passed
+through unchanged. If a computation draws random numbers, torch_xla's RNG seed is one more
+element, drawn afresh in the enclosing graph on every call; a While advances it every
+iteration, so each iteration draws fresh numbers.
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ class AttachedComputation:
         return xb.Op.call(self.staged.computation, args)
 
 
-class WhileState:
-    """Builds the state tuple of one While, and the While itself."""
+class ControlFlowState:
+    """Builds the operand tuple of one While or Conditional, and the op itself."""
 
     def __init__(self) -> None:
         self.tensors: list[torch.Tensor] = []
@@ -75,11 +76,7 @@ class WhileState:
 
         `body_fn` returns the whole next state; the seed (if any) is advanced here.
         """
-        state = list(self.tensors)
-        if self.seed_index is not None:
-            # Start from a number drawn in the enclosing graph, so the loop's stream differs
-            # from the random ops around it; the dynamo bridge reseeds that draw every call.
-            state[self.seed_index] = torch.randint(0, 2**62, (), dtype=torch.int64, device=torch_xla.device())
+        state = self._operands()
         builder = xb.create_builder(name)
         params = [xb.mkparam(builder, i, xb.tensor_shape(t)) for i, t in enumerate(state)]
         seed_index = self.seed_index
@@ -96,6 +93,31 @@ class WhileState:
         loop = xb.Op.mkwhile(params, lambda *values: cond_fn(list(values)), body)
         computation = loop.build(name)
         return list(torch_xla._XLAC._xla_user_computation(f"xla_loop::{name}", state, computation))
+
+    def build_conditional(
+        self,
+        name: str,
+        pred: torch.Tensor,
+        true_fn: Callable[[list[xb.Op]], list[xb.Op]],
+        false_fn: Callable[[list[xb.Op]], list[xb.Op]],
+    ) -> list[torch.Tensor]:
+        """Run a Conditional on `pred` (a bool[] tensor) as one user computation; each
+        branch function maps the operand tuple to the outputs."""
+        state = self._operands()
+        builder = xb.create_builder(name)
+        pred_param = xb.mkparam(builder, 0, xb.tensor_shape(pred))
+        params = [xb.mkparam(builder, i + 1, xb.tensor_shape(t)) for i, t in enumerate(state)]
+        branches = [lambda *values, fn=fn: tuple(fn(list(values))) for fn in (true_fn, false_fn)]
+        computation = pred_param.mkconditional(params, *branches).build(name)
+        return list(torch_xla._XLAC._xla_user_computation(f"xla_loop::{name}", [pred, *state], computation))
+
+    def _operands(self) -> list[torch.Tensor]:
+        state = list(self.tensors)
+        if self.seed_index is not None:
+            # Start from a number drawn in the enclosing graph, so the op's stream differs
+            # from the random ops around it; the dynamo bridge reseeds that draw every call.
+            state[self.seed_index] = torch.randint(0, 2**62, (), dtype=torch.int64, device=torch_xla.device())
+        return state
 
 
 def as_state_tensor(loop: str, index: int, value: Any, what: str = "carry") -> torch.Tensor:
