@@ -1,5 +1,5 @@
 """Training memory vs compute with and without `remat`, for a GRU trained through a long scan
-and for a stepper trained through a bounded while_loop.
+and for a stepper trained through a while_loop (its stack holding every iteration).
 
 Each configuration runs in its own process (peak RSS is per process): it compiles one
 training step (forward + backward) with xla_loop, runs it a few times, and reports the
@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-STEPS, BATCH, HIDDEN, MAX_ITERATIONS = 2000, 64, 256, 2000
+STEPS, BATCH, HIDDEN = 2000, 64, 256
 
 
 def measure(workload: str, remat: str) -> dict:
@@ -47,7 +47,7 @@ def measure(workload: str, remat: str) -> dict:
 
         args = (torch.tensor(STEPS, device=dev), torch.randn(BATCH, HIDDEN, device=dev))
         params = list(lin.parameters())
-    compiled = xl.compile(loss_fn, fullgraph=True, max_iterations=MAX_ITERATIONS, remat=remat_option)
+    compiled = xl.compile(loss_fn, fullgraph=True, capacity=STEPS, remat=remat_option)
     times = []
     for i in range(4):
         torch_xla.sync()
@@ -73,7 +73,7 @@ def main() -> None:
         print(json.dumps(measure(sys.argv[1], sys.argv[2])))
         return
     rows = []
-    for workload in ("gru_scan", "bounded_while"):
+    for workload in ("gru_scan", "trained_while"):
         for remat in ("off", "sqrt", "100"):
             out = subprocess.run(
                 [sys.executable, __file__, workload, remat], capture_output=True, text=True,

@@ -5,6 +5,10 @@ and JAX on five loop workloads; writes a markdown table, JSON and PNG plots.
     ./dev bench --quick    # subset (~5 min)
     ./dev bench --systems xla_loop,jax --workloads B --trips 10,100 --cap-seconds 30
 
+Then train_while.py: training through a data-dependent while_loop against its trip count
+(--skip-training-while to leave it out), and spmd_collectives.py: the collectives in each
+sharded loop's While body on 4 virtual devices (--skip-spmd).
+
 Every (system, workload, trip count) runs in its own process (cold first call, its own
 peak RSS), pinned to one CPU (see --cpus), killed at --cap-seconds. Trip counts run in
 increasing order; a larger one is skipped when the smaller ones predict that its first call
@@ -234,6 +238,8 @@ def main() -> None:
     p.add_argument("--target-rounds", type=int, help="rounds of the target points (default 5, quick 3; 0: none)")
     p.add_argument("--jax-venv", type=Path, default=DEFAULT_JAX_VENV)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--skip-training-while", action="store_true", help="skip train_while.py (training through a while_loop)")
+    p.add_argument("--skip-spmd", action="store_true", help="skip spmd_collectives.py (collectives per While body under SPMD)")
     a = p.parse_args()
 
     cfg = dict(QUICK if a.quick else FULL)
@@ -282,6 +288,11 @@ def main() -> None:
     print()
     print(markdown)
     print(f"wrote {a.out}/results.md, results.json, first_call.png, per_iteration.png in {meta['total_s']:.0f} s")
+    if not a.skip_training_while:
+        # Training through a data-dependent while_loop: its own benchmark (train_while.py).
+        subprocess.run([sys.executable, str(HERE / "train_while.py"), *(["--quick"] if a.quick else []), "--out", str(a.out)], check=True)
+    if not a.skip_spmd:
+        subprocess.run([sys.executable, str(HERE / "spmd_collectives.py"), "--out", str(a.out)], check=True)
 
 
 if __name__ == "__main__":

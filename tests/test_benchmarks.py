@@ -63,3 +63,41 @@ def test_targets_are_judged_on_the_median_of_paired_rounds():
 
     without_rounds = _row(report.targets(main, []), "B, 10000 trips, steady: xla_loop vs eager")
     assert without_rounds[3] == "6.2× faster" and without_rounds[5] == "no (one measurement each)"
+
+
+def test_training_while_worker_runs_trip_counts_without_recompiling():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train_while.py"), "--worker", "xla_loop", "2,9", "2", "8"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PJRT_DEVICE": "CPU"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    # 9 trips outgrow capacity 8 on the first calls (one recompile there), then nothing
+    assert record["compiles_after_warmup"] == 0
+    assert sorted(record["steps_s"]) == ["2", "9"] and all(len(v) == 2 for v in record["steps_s"].values())
+
+
+def test_training_while_report_judges_the_median_of_paired_rounds():
+    sys.path.insert(0, str(BENCHMARKS))
+    import train_while
+
+    steps = {"8": [0.01, 0.05, 0.01], "256": [0.1, 0.1, 0.1]}  # ratios 0.1, 0.5, 0.1: median 0.1
+    results = {
+        "xla_loop": {"steps_s": steps, "compiles_after_warmup": 0, "first_call_s": {"8": 1.0, "256": 0.5}},
+        "masked_scan": {"steps_s": {"8": [0.1], "256": [0.1]}},
+        "eager": {"steps_s": {"8": [0.01], "256": [0.2]}},
+        "openxla": {"steps_s": {"8": [0.01]}, "first_call_s": {"8": 2.0}},
+    }
+    text = train_while.report(results, {64: 1000.0}, 3, 10.0)
+    assert "**0.100**" in text and "goal at most 0.15: met" in text
+
+
+def test_spmd_collectives_table_names_each_while_body():
+    sys.path.insert(0, str(BENCHMARKS))
+    import spmd_collectives
+
+    training = {"equal": True, "collectives_by_program": [[[]], [["all-gather", "all-reduce", "all-gather"]]]}
+    assert spmd_collectives.bodies(training) == [("forward", []), ("backward", ["all-gather", "all-reduce", "all-gather"])]
+    assert spmd_collectives.bodies({"collectives": [["all-reduce"]]}) == [("", ["all-reduce"])]
+    assert spmd_collectives.describe(["all-gather", "all-reduce", "all-gather"]) == "2 all-gather, 1 all-reduce"
+    assert spmd_collectives.describe([]) == "none"

@@ -8,7 +8,8 @@ CI runs GRAD_FUZZ_EXAMPLES programs, the same ones every run (derandomized). The
 draws new ones:
     XLA_LOOP_GRAD_FUZZ_EXAMPLES=2000 XLA_LOOP_GRAD_FUZZ_SEED=1 ./dev test tests/test_grad_fuzz.py
 A failure is shrunk by hypothesis to a small program, printed with its source; add it to
-test_grad_fuzz_regressions.py so it stays a regular test.
+test_grad_fuzz_regressions.py so it stays a regular test. With XLA_LOOP_FUZZ_LOG=FILE each
+program is appended to FILE before it runs (the last one is the culprit if the process dies).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import xla_loop_backend
 
 GRAD_FUZZ_EXAMPLES = int(os.environ.get("XLA_LOOP_GRAD_FUZZ_EXAMPLES", "50"))
 GRAD_FUZZ_SEED = os.environ.get("XLA_LOOP_GRAD_FUZZ_SEED")
+FUZZ_LOG = os.environ.get("XLA_LOOP_FUZZ_LOG")
 TOLERANCE = 1e-4
 
 _programs_run = 0
@@ -40,6 +42,9 @@ def check_training_program(program: TrainingProgram) -> None:
     """Run `program` both ways for both calls; compare loss and gradients; count call 2."""
     global _programs_run
     _programs_run += 1
+    if FUZZ_LOG:
+        with open(FUZZ_LOG, "a") as log:
+            log.write(f"# program {_programs_run}: {program!r}\n")
     if _programs_run % 25 == 0:
         torch._dynamo.reset()  # keep Dynamo's caches from growing over hundreds of programs
     dev = xla_device()

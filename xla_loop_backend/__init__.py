@@ -19,6 +19,7 @@ use_single_threaded_cpu_kernels()
 from .api import cond, fori_loop, scan, while_loop  # noqa: E402
 from .backend import compile, compile_graph, xla_loop  # noqa: E402
 from .fallback import LoopFallbackWarning  # noqa: E402
+from .sharding import with_sharding_constraint  # noqa: E402
 from .errors import LoopLoweringError  # noqa: E402
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "fori_loop",
     "scan",
     "while_loop",
+    "with_sharding_constraint",
     "xla_loop",
     "LoopFallbackWarning",
     "LoopLoweringError",

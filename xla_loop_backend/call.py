@@ -2,7 +2,8 @@
 
 - `BridgeCall`, per AOTAutograd graph (forward, backward): builds torch_xla's cached
   executable on the first call (the bridge needs real device inputs), calls it, and reads
-  the graph's Python int and bool results back (once, after the whole graph ran).
+  the graph's Python int and bool results back (once, after the whole graph ran). Under
+  SPMD, the backward's gradients are laid out like their inputs (`GradientLayout`).
 - `ReportingCall`, around the whole compiled function when its graph has bounded or
   trained while_loops (`passes/while_loops.py`): reads the loops' report (one scalar, one
   host read per call, none per iteration); raises if a loop was still running after
@@ -11,25 +12,78 @@
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+import copy
+import os
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from . import metrics
 from .errors import LoopLoweringError
 from .lowering.driver import LoweredGraph
+from .lowering.sharding import pinned, shardings_of
+
+
+class GradientLayout:
+    """SPMD: a gradient keeps the sharding of what it is the gradient of (an FSDP-sharded
+    parameter gets a sharded gradient, not whatever XLA's propagation picks). The forward
+    graph's first call records its inputs' shardings; the backward graph, whose outputs are
+    the gradients of those inputs in the same order, pins each output to its input's
+    sharding before the bridge compiles it. Outside SPMD nothing is recorded."""
+
+    def __init__(self) -> None:
+        self.input_shardings: list[Any] | None = None
+
+    def record(self, args: Sequence[Any]) -> None:
+        self.input_shardings = shardings_of(list(args))
+
+    def pin_gradients(self, gm: torch.fx.GraphModule) -> None:
+        shardings = self.input_shardings or []
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        outs = output.args[0]
+        if not any(s is not None for s in shardings) or not isinstance(outs, (tuple, list)) or len(outs) != len(shardings):
+            return
+        new = list(outs)
+        for i, (out, sharding) in enumerate(zip(outs, shardings)):
+            if sharding is None or not isinstance(out, torch.fx.Node):
+                continue
+            with gm.graph.inserting_before(output):
+                new[i] = gm.graph.call_function(_pin_to(sharding, i), (out,))
+            new[i].meta = dict(out.meta)
+        output.args = (type(outs)(new),)
+        gm.recompile()
+
+
+def _pin_to(sharding: Any, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def pin_gradient(tensor: torch.Tensor) -> torch.Tensor:
+        return pinned([tensor], [sharding])[0]
+
+    pin_gradient.__name__ = pin_gradient.__qualname__ = f"xla_loop_pin_gradient_{index}"  # (FX names targets)
+    return pin_gradient
 
 
 class BridgeCall:
     """Calls a lowered graph through torch_xla's bridge (see the module docstring)."""
 
-    def __init__(self, lowered: LoweredGraph):
+    def __init__(self, lowered: LoweredGraph, layout: GradientLayout | None = None, backward: bool = False):
         self.lowered = lowered
         self.compiled: Callable[..., Any] | None = None
+        self.layout, self.backward = layout, backward
+        self.input_shardings: tuple[str, ...] | None = None
 
     def __call__(self, *args: Any) -> Any:
-        if self.compiled is None:
+        shardings = _input_shardings(args)
+        if self.compiled is None or shardings != self.input_shardings:
+            if self.compiled is not None:  # (SPMD) an input's sharding changed: trace again
+                metrics.increment(metrics.SHARDING_RETRACES)
+            if self.layout is not None:
+                if not self.backward:
+                    self.layout.record(args)
+                elif self.compiled is None:
+                    self.layout.pin_gradients(self.lowered.module)
             self.compiled = _extract_compiled_graph(self.lowered.module, args)
+            self.input_shardings = _input_shardings(args)
         result = self.compiled(*args)
         if not self.lowered.scalar_outputs:
             return result
@@ -41,7 +95,10 @@ def _extract_compiled_graph(gm: torch.fx.GraphModule, args: Sequence[Any]) -> Ca
     from torch_xla._dynamo import dynamo_bridge
 
     try:
-        return dynamo_bridge.extract_compiled_graph(gm, _private_scalars(args))
+        with _bridge_sharding_check_off():
+            # (on a copy: the bridge partitions the module it is given in place)
+            fresh = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+            return dynamo_bridge.extract_compiled_graph(fresh, _spmd_trace_args(_private_scalars(args)))
     except Exception:
         # Drop what the failed trace left behind, so the next compile starts clean.
         torch_xla._XLAC._clear_pending_irs(str(torch_xla.device()))
@@ -70,6 +127,75 @@ def _private_scalars(args: Sequence[Any]) -> list[Any]:
             placeholder = torch.full((), _PLACEHOLDER, dtype=a.dtype)
             (copies[i],) = torch_xla._XLAC._xla_tensors_from_aten([placeholder], [str(a.device)])
     return copies
+
+
+def _input_shardings(args: Sequence[Any]) -> tuple[str, ...] | None:
+    """Under SPMD, the sharding of each XLA arg ('' read as replicated: an arg not yet on
+    the device and one uploaded replicated run the same executable); None outside SPMD."""
+    import torch_xla
+    import torch_xla.runtime as xr
+
+    if not xr.is_spmd():
+        return None
+    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.device.type == "xla"]
+    return tuple(spec or "{replicated}" for spec in torch_xla._XLAC._get_xla_sharding_specs(tensors))
+
+
+@contextlib.contextmanager
+def _bridge_sharding_check_off() -> Iterator[None]:
+    """The bridge's own per-call check of input shardings, off for what it compiles now.
+
+    It compares sharding strings, so an input not yet uploaded ('') differs from the
+    replicated one it was traced with: under SPMD a training step's fresh batch made it
+    retrace the forward on every call, and its retrace traces with the real args (see
+    `_spmd_trace_args`). `BridgeCall` checks instead (`_input_shardings`), on every call.
+    """
+    name = "XLA_DYNAMO_INPUT_SHARDING_CHECK_THRESHOLD"  # read once per graph, at compile
+    saved = os.environ.get(name)
+    os.environ[name] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
+
+
+def _spmd_trace_args(args: Sequence[Any]) -> list[Any]:
+    """Under SPMD: the args the bridge traces with, each XLA tensor replaced by a new
+    tensor on the same device buffer (no copy; same sharding). Each call then takes the
+    real args by position.
+
+    The bridge tells a graph's arguments from its constants by the tensor id each device
+    buffer is tagged with, and under SPMD its own lookup of a traced graph's buffers
+    (`_get_tensors_xla_device_data_node`) re-tags every buffer it visits with the id of a
+    new tensor it wraps the buffer in. So the next graph traced on the same tensor (a
+    training step's backward after its forward, or a second compiled function on the same
+    parameters) no longer recognises it as an argument and bakes in its current value:
+    after an optimizer step updates the parameters, that graph silently computes with the
+    old ones (wrong gradients from the second step on; torch_xla's own `openxla` backend
+    does it too, and `tests/test_call.py` notices when it stops). A tensor wrapped on the
+    buffer by that same lookup is tagged with its own id, so tracing with it keeps every
+    argument an argument. The args are first made device buffers of their own (uploaded,
+    or computed if pending: as the bridge's first call would), so that the bridge's own
+    sync before tracing re-tags nothing. Outside SPMD the lookup re-tags nothing, and the
+    args are returned as they are.
+    """
+    import torch_xla
+    import torch_xla.runtime as xr
+
+    if not xr.is_spmd():
+        return list(args)
+    xla = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.device.type == "xla"]
+    if xla:
+        torch_xla._XLAC._xla_sync_multi([args[i] for i in xla], devices=[], wait=True, sync_xla_data=True)
+    stand_ins = list(args)
+    for i in xla:
+        _, buffers = torch_xla._XLAC._get_tensors_xla_device_data_node([args[i]])
+        if len(buffers) == 1 and buffers[0].shape == args[i].shape and buffers[0].dtype == args[i].dtype:
+            stand_ins[i] = buffers[0]
+    return stand_ins
 
 
 def _scalars_at(result: Any, types: dict[int, type]) -> Any:

@@ -1,5 +1,6 @@
-"""xla_loop's own counters: loops lowered, subgraphs traced, host-loop fallbacks, and
-recompiles to grow the stack of trained while_loops.
+"""xla_loop's own counters: loops lowered, subgraphs traced, host-loop fallbacks,
+recompiles to grow the stack of trained while_loops, and (SPMD) traces again because an
+input's sharding changed.
 
 They live here rather than in torch_xla's counter registry because torch_xla's dynamo
 bridge clears that registry while it partitions a graph (`metrics.clear_counters()` per
@@ -14,6 +15,7 @@ LOOPS_LOWERED = "loops_lowered"
 SUBGRAPHS_TRACED = "subgraphs_traced"
 HOST_LOOP_FALLBACKS = "host_loop_fallbacks"
 CAPACITY_GROWTHS = "capacity_growths"
+SHARDING_RETRACES = "sharding_retraces"
 
 _counters: Counter[str] = Counter()
 

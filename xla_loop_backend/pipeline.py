@@ -37,13 +37,14 @@ tests all go through it.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any, Callable, Sequence
 
 import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-from .call import BridgeCall, ReportingCall
+from .call import BridgeCall, GradientLayout, ReportingCall
 from .errors import LoopLoweringError
 from .fallback import warn_host_loop
 from .lowering.driver import lower_loops
@@ -70,9 +71,8 @@ def compile(  # noqa: A001 - the pipeline's one entry
     """Run the pipeline on a Dynamo graph; returns the compiled function.
 
     `graph_compiler` compiles each graph AOTAutograd makes (default: `compile_graph`, the
-    passes after AOTAutograd then torch_xla's bridge). A loop that cannot be lowered is an
+    passes after AOTAutograd then torch_xla's bridge; see `graph_compilers`). A loop that cannot be lowered is an
     error under `fullgraph=True`; otherwise the graph runs eagerly with a warning."""
-    graph_compiler = graph_compiler or compile_graph
     fullgraph = fullgraph_requested()
     original = None if fullgraph else copy.deepcopy(gm)
     context = PassContext.for_graph(options, example_inputs)
@@ -88,8 +88,9 @@ def compile(  # noqa: A001 - the pipeline's one entry
             # A new aot_autograd backend each time: torch 2.9's instance wraps its bw_compiler
             # once more per call, so a shared one nests a wrapper per compiled graph (memory,
             # and after some hundreds of graphs a stack overflow in the backward pass).
+            fw_compiler, bw_compiler = graph_compilers(graph_compiler)
             with torch._guards.tracing(tracing_context), stack_capacity(capacity):
-                return aot_autograd(fw_compiler=graph_compiler, bw_compiler=graph_compiler)(gm, example_inputs)
+                return aot_autograd(fw_compiler=fw_compiler, bw_compiler=bw_compiler)(gm, example_inputs)
 
         if not context.reports:
             return build(options.first_capacity())
@@ -103,7 +104,18 @@ def compile(  # noqa: A001 - the pipeline's one entry
         return original.forward
 
 
-def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+def graph_compilers(graph_compiler: GraphCompiler | None) -> tuple[GraphCompiler, GraphCompiler]:
+    """AOTAutograd's forward and backward compilers: `graph_compiler` for both, or by
+    default `compile_graph`, the backward's gradients laid out like the forward's inputs."""
+    if graph_compiler is not None:
+        return graph_compiler, graph_compiler
+    layout = GradientLayout()
+    return functools.partial(compile_graph, layout=layout), functools.partial(compile_graph, layout=layout, backward=True)
+
+
+def compile_graph(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], layout: GradientLayout | None = None, backward: bool = False
+) -> Callable[..., Any]:
     """The graph compiler AOTAutograd calls for each graph: the passes after AOTAutograd,
     the lowering driver, then torch_xla's bridge (`call.BridgeCall`)."""
     try:
@@ -117,7 +129,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Ca
             raise
         warn_host_loop(f"could not lower a loop, so its graph runs eagerly ({error})")
         return make_boxed_func(gm.forward)
-    return make_boxed_func(BridgeCall(lowered))
+    return make_boxed_func(BridgeCall(lowered, layout, backward))
 
 
 def fullgraph_requested() -> bool:

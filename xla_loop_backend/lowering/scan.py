@@ -19,6 +19,7 @@ import torch_xla.core.xla_builder as xb
 
 from .. import metrics
 from ..errors import LoopLoweringError, describe_value, loop_name
+from .sharding import shardings_of
 from .subgraph import SubgraphInterpreter, stage_computation
 from .state import ControlFlowState, as_state_tensor, check_new_carries
 
@@ -70,7 +71,7 @@ def _lower_scan_like(
         return new_carries + ys
 
     slice_specs = [torch.empty(x.shape[1:], dtype=x.dtype, device="meta") for x in xs]
-    combine = stage_computation("scan_combine", run_combine, carries + slice_specs + extras)
+    combine = stage_computation("scan_combine", run_combine, carries + slice_specs + extras, carry_shardings=shardings_of(carries))
     _check_num_outputs(name, node, fn_name, num_carries, len(combine.outputs))
     ys_init = [
         torch.zeros((length, *y.shape), dtype=y.dtype, device=torch_xla.device())

@@ -24,6 +24,7 @@ import torch_xla.core.xla_builder as xb
 from .. import metrics
 from ..errors import LoopLoweringError
 from ..ops import spec_of
+from .sharding import pinned
 
 aten = torch.ops.aten
 
@@ -247,13 +248,20 @@ def _own_rng_root() -> Iterator[None]:
 
 
 def stage_computation(
-    name: str, fn: Callable[[list[torch.Tensor]], list[torch.Tensor]], inputs: Sequence[torch.Tensor]
+    name: str,
+    fn: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+    inputs: Sequence[torch.Tensor],
+    carry_shardings: Sequence[Any] = (),
 ) -> StagedComputation:
-    """Trace `fn` on placeholders shaped like `inputs` and lower what it computes."""
+    """Trace `fn` on placeholders shaped like `inputs` and lower what it computes.
+
+    `carry_shardings` (SPMD) pins the first inputs and outputs, a loop's carries, to their
+    shardings (see `sharding.py`)."""
     metrics.increment(metrics.SUBGRAPHS_TRACED)
     placeholders = [xb.create_placeholder_tensor(t.shape, t.dtype) for t in inputs]
     with _own_rng_root():
-        outputs = [scalar_to_tensor(o) if not isinstance(o, torch.Tensor) else o for o in fn(placeholders)]
+        outputs = fn(pinned(placeholders, carry_shardings))
+        outputs = pinned([scalar_to_tensor(o) if not isinstance(o, torch.Tensor) else o for o in outputs], carry_shardings)
     ctx = torch_xla._XLAC.lowering.LoweringContext(name)
     ctx.set_name_string(name)
     ctx.build(outputs)

@@ -13,6 +13,7 @@ import torch_xla.core.xla_builder as xb
 
 from .. import metrics
 from ..errors import LoopLoweringError, describe_value, loop_name
+from .sharding import shardings_of
 from .subgraph import StagedComputation, SubgraphInterpreter, scalar_to_tensor, stage_computation
 from .state import ControlFlowState, as_state_tensor, check_new_carries
 
@@ -46,7 +47,7 @@ def lower_while_loop(
 
     inputs = carries + extras
     cond = stage_computation("while_cond", run_cond, inputs)
-    body = stage_computation("while_body", run_body, inputs)
+    body = stage_computation("while_body", run_body, inputs, carry_shardings=shardings_of(carries))
     return tuple(_build_while(cond, body, inputs, num_carries))
 
 

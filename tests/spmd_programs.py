@@ -1,0 +1,273 @@
+"""SPMD loop programs on 4 virtual CPU devices, one per process (SPMD mode is for the whole
+process): `python tests/spmd_programs.py CASE` prints one JSON line. test_spmd.py runs them.
+
+Each program runs sharded (torch_xla SPMD, `CPU_NUM_DEVICES=4`) and the same way unsharded
+on CPU; the line gives whether the results (and gradients) agree, the shardings of inputs
+and outputs, and the collectives XLA's partitioner put inside each While body, read from
+the optimized HLO (`--xla_dump_to`).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+
+DUMP = tempfile.mkdtemp(prefix="xla_loop_spmd_")
+os.environ["CPU_NUM_DEVICES"] = "4"
+os.environ["PJRT_DEVICE"] = "CPU"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={DUMP} --xla_dump_hlo_as_text".strip()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch_xla  # noqa: E402
+import torch_xla.distributed.spmd as xs  # noqa: E402
+import torch_xla.runtime as xr  # noqa: E402
+
+xr.use_spmd()
+
+import xla_loop_backend as xl  # noqa: E402
+
+DEV = torch_xla.device()
+COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|collective-permute|all-to-all|reduce-scatter)(?:-start)?\(")
+
+
+def spec(t: torch.Tensor) -> str:
+    return torch_xla._XLAC._get_xla_sharding_spec(t)
+
+
+def sharded(t: torch.Tensor, mesh: xs.Mesh, partition: tuple) -> torch.Tensor:
+    t = t.to(DEV)
+    xs.mark_sharding(t, mesh, partition)
+    return t
+
+
+def collectives_per_while_body() -> list[list[str]]:
+    """For each While of the last compiled program that has one: the collectives in its body
+    (and in what the body calls)."""
+    programs = collectives_by_program()
+    return programs[-1] if programs else []
+
+
+def collectives_by_program() -> list[list[list[str]]]:
+    """For each compiled program that has a While (in compile order), for each of its
+    Whiles: the collectives in the body, and in what the body calls."""
+    programs = []
+    for path in sorted(glob.glob(f"{DUMP}/*after_optimizations.txt")):
+        text = open(path).read()
+        if " while(" not in text:
+            continue
+        computations = {}
+        for block in re.split(r"\n(?=\S)", text):
+            match = re.match(r"(?:ENTRY )?%?([\w.\-]+)", block)
+            if match:
+                computations[match.group(1)] = block
+        bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", text)
+        programs.append([_collectives(computations, body, set()) for body in bodies])
+    return programs
+
+
+def _collectives(computations: dict, name: str, seen: set) -> list[str]:
+    seen.add(name)
+    block = computations.get(name, "")
+    ops = [m.group(1) for m in COLLECTIVE.finditer(block)]
+    for callee in re.findall(r"(?:to_apply|calls|body|condition|branch_computations)=\{?%?([\w.\-]+)", block):
+        if callee not in seen:
+            ops += _collectives(computations, callee, seen)
+    return ops
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.allclose(a.detach().cpu(), b.detach().cpu(), rtol=1e-4, atol=1e-4))
+
+
+def _count(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64, device=x.device)
+
+
+def stepper(n: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return xl.while_loop(lambda i, x: i < n, lambda i, x: (i + 1, torch.tanh(x @ w)), (_count(x), x))[1]
+
+
+def data_parallel_while() -> dict:
+    mesh = xs.Mesh(np.arange(4), (4, 1), ("data", "model"))
+    x, w = torch.randn(8, 16), torch.randn(16, 16) * 0.3
+    out = xl.compile(stepper, fullgraph=True)(torch.tensor(5, device=DEV), sharded(x, mesh, ("data", None)), w.to(DEV))
+    return {"equal": close(out, stepper(torch.tensor(5), x, w)), "input": spec_of(x, mesh, ("data", None)), "output": spec(out),
+            "collectives": collectives_per_while_body()}
+
+
+def spec_of(t: torch.Tensor, mesh: xs.Mesh, partition: tuple) -> str:
+    return spec(sharded(t, mesh, partition))
+
+
+def rnn(h: torch.Tensor, xs_: torch.Tensor, wx: torch.Tensor, wh: torch.Tensor):
+    return xl.scan(lambda h, x: (torch.tanh(x @ wx + h @ wh), h.sum(-1)), h, xs_)
+
+
+def data_parallel_scan() -> dict:
+    mesh = xs.Mesh(np.arange(4), (4, 1), ("data", "model"))
+    h, seq, wx, wh = torch.zeros(8, 16), torch.randn(6, 8, 16), torch.randn(16, 16) * 0.3, torch.randn(16, 16) * 0.3
+    out_h, ys = xl.compile(rnn, fullgraph=True)(sharded(h, mesh, ("data", None)), sharded(seq, mesh, (None, "data", None)), wx.to(DEV), wh.to(DEV))
+    ref_h, ref_ys = rnn(h, seq, wx, wh)
+    return {"equal": close(out_h, ref_h) and close(ys, ref_ys), "input": spec_of(h, mesh, ("data", None)), "output": spec(out_h),
+            "collectives": collectives_per_while_body()}
+
+
+def mlp_steps(n: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    return xl.while_loop(lambda i, x: i < n, lambda i, x: (i + 1, x + torch.tanh(x @ w1) @ w2), (_count(x), x))[1]
+
+
+def tensor_parallel_mlp() -> dict:
+    # Megatron's layout: w1 split by columns, w2 by rows; x replicated. One all-reduce a step.
+    mesh = xs.Mesh(np.arange(4), (1, 4), ("data", "model"))
+    x, w1, w2 = torch.randn(8, 16), torch.randn(16, 32) * 0.2, torch.randn(32, 16) * 0.2
+    out = xl.compile(mlp_steps, fullgraph=True)(torch.tensor(4, device=DEV), x.to(DEV), sharded(w1, mesh, (None, "model")), sharded(w2, mesh, ("model", None)))
+    return {"equal": close(out, mlp_steps(torch.tensor(4), x, w1, w2)), "output": spec(out), "collectives": collectives_per_while_body()}
+
+
+def conflicting_shardings() -> dict:
+    # The carry split by batch, the weight by columns: the loop keeps the carry's layout.
+    mesh = xs.Mesh(np.arange(4), (2, 2), ("data", "model"))
+    x, w = torch.randn(8, 16), torch.randn(16, 16) * 0.3
+    x_dev = sharded(x, mesh, ("data", None))
+    out = xl.compile(stepper, fullgraph=True)(torch.tensor(3, device=DEV), x_dev, sharded(w, mesh, (None, "model")))
+    return {"equal": close(out, stepper(torch.tensor(3), x, w)), "input": spec(x_dev), "output": spec(out),
+            "collectives": collectives_per_while_body()}
+
+
+def constraint_in_body() -> dict:
+    mesh = xs.Mesh(np.arange(4), (2, 2), ("data", "model"))
+
+    def program(n, x, w):
+        def body(i, x):
+            y = torch.tanh(x @ w)
+            return i + 1, xl.with_sharding_constraint(y, mesh, ("data", "model"))
+        return xl.while_loop(lambda i, x: i < n, body, (_count(x), x))[1]
+
+    x, w = torch.randn(8, 16), torch.randn(16, 16) * 0.3
+    x_dev = sharded(x, mesh, ("data", "model"))
+    out = xl.compile(program, fullgraph=True)(torch.tensor(3, device=DEV), x_dev, sharded(w, mesh, (None, "model")))
+    eager = program(torch.tensor(3), x, w)  # on CPU the constraint is the identity
+    text = "".join(open(p).read() for p in glob.glob(f"{DUMP}/*before_optimizations.txt"))
+    return {"equal": close(out, eager), "input": spec(x_dev), "output": spec(out), "annotated": "sharding={devices=[2,2]" in text,
+            "collectives": collectives_per_while_body()}
+
+
+def training_through_sharded_scan() -> dict:
+    # FSDP-style: the batch split over "data", each weight split by rows over "data" too.
+    mesh = xs.Mesh(np.arange(4), (4, 1), ("data", "model"))
+    torch.manual_seed(0)
+    h, seq = torch.zeros(8, 16), torch.randn(6, 8, 16)
+    wx, wh = torch.randn(16, 16) * 0.3, torch.randn(16, 16) * 0.3
+    params = [sharded(w, mesh, ("data", None)).requires_grad_() for w in (wx, wh)]
+
+    def loss(h, seq, wx, wh):
+        out_h, ys = rnn(h, seq, wx, wh)
+        return out_h.pow(2).mean() + ys.pow(2).mean()
+
+    xl.compile(loss, fullgraph=True)(sharded(h, mesh, ("data", None)), sharded(seq, mesh, (None, "data", None)), *params).backward()
+    reference = [w.clone().requires_grad_() for w in (wx, wh)]
+    loss(h, seq, *reference).backward()
+    return {"equal": all(close(p.grad, r.grad) for p, r in zip(params, reference)),
+            "param_shardings": [spec(p) for p in params], "grad_shardings": [spec(p.grad) for p in params],
+            "collectives_by_program": collectives_by_program()}
+
+
+class Recurrent(torch.nn.Module):
+    """h <- tanh(h @ w + b + x) over a sequence, by scan or by a trained while_loop."""
+
+    def __init__(self, loop: str) -> None:
+        super().__init__()
+        self.loop = loop
+        self.w = torch.nn.Parameter(torch.randn(16, 16) * 0.3)
+        self.b = torch.nn.Parameter(torch.randn(16) * 0.1)
+
+    def step(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(h @ self.w + self.b + x)
+
+    def forward(self, seq: torch.Tensor, python: bool = False) -> torch.Tensor:
+        h = torch.zeros(seq.shape[1], 16, device=seq.device)
+        if python or self.loop == "python":
+            for x in seq:
+                h = self.step(h, x)
+        elif self.loop == "scan":
+            h, _ = xl.scan(lambda h, x: (self.step(h, x), h.sum()), h, seq)
+        else:
+            _, h = xl.while_loop(lambda i, h: i < seq.shape[0],
+                                 lambda i, h: (i + 1, self.step(h, seq.index_select(0, i.view(1)).squeeze(0))), (_count(h), h))
+        return h.pow(2).mean()
+
+
+def _training_steps(loop: str, backend: str | None, shard: bool, steps: int = 4) -> dict:
+    """SGD steps (in-place parameter updates) on the device and on CPU with plain Python
+    loops; per step, whether the gradients agree."""
+    import copy
+
+    warm = torch.ones(2, device=DEV, requires_grad=True)  # an XLA backward first (README: traps)
+    (warm * 2).sum().backward()
+    torch.manual_seed(0)
+    reference = Recurrent(loop)
+    model = copy.deepcopy(reference).to(DEV)
+    mesh = xs.Mesh(np.arange(4), (4, 1), ("data", "model"))
+    if shard:
+        xs.mark_sharding(model.w, mesh, ("data", None))
+    compiled = torch.compile(model, backend=backend, fullgraph=True) if backend else xl.compile(model, fullgraph=True)
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, reference))
+    equal, traced = [], []
+    for step in range(steps):
+        seq = torch.randn(5, 8, 16)
+        dev_seq = seq.to(DEV)
+        if shard:
+            xs.mark_sharding(dev_seq, mesh, (None, "data", None))
+        for o in (opt, ref_opt):
+            o.zero_grad()
+        compiled(dev_seq).backward()
+        reference(seq, python=True).backward()
+        equal.append(all(close(p.grad, r.grad) for p, r in zip(model.parameters(), reference.parameters())))
+        opt.step(), ref_opt.step()
+        torch_xla.sync()
+        traced.append(xl.metrics.counter_value(xl.metrics.SUBGRAPHS_TRACED))
+    return {"equal_per_step": equal, "subgraphs_traced_per_step": traced,
+            "sharding_retraces": xl.metrics.counter_value(xl.metrics.SHARDING_RETRACES),
+            "grad_spec": spec(model.w.grad), "param_spec": spec(model.w)}
+
+
+def training_steps_scan() -> dict:
+    return _training_steps("scan", None, shard=True)
+
+
+def training_steps_while() -> dict:
+    return _training_steps("while", None, shard=True)
+
+
+def training_steps_replicated() -> dict:
+    return _training_steps("scan", None, shard=False)
+
+
+def openxla_training_steps() -> dict:
+    # The same program (Python loops: openxla has no loop lowering) on torch_xla's backend.
+    return _training_steps("python", "openxla", shard=False)
+
+
+def resharded_input() -> dict:
+    # The same shapes called with another input sharding: traced again, right both times.
+    mesh = xs.Mesh(np.arange(4), (2, 2), ("data", "model"))
+    h, seq, wx, wh = torch.zeros(8, 16), torch.randn(6, 8, 16), torch.randn(16, 16) * 0.3, torch.randn(16, 16) * 0.3
+    compiled = xl.compile(rnn, fullgraph=True)
+    ref_h, _ = rnn(h, seq, wx, wh)
+    results = []
+    for partition in ((None, "data", None), (None, "data", "model")):
+        out_h, _ = compiled(h.to(DEV), sharded(seq, mesh, partition), wx.to(DEV), wh.to(DEV))
+        results.append(close(out_h, ref_h))
+    return {"equal_per_call": results, "sharding_retraces": xl.metrics.counter_value(xl.metrics.SHARDING_RETRACES)}
+
+
+CASES = {f.__name__: f for f in (data_parallel_while, data_parallel_scan, tensor_parallel_mlp, conflicting_shardings,
+                                   constraint_in_body, training_through_sharded_scan, training_steps_scan,
+                                   training_steps_while, training_steps_replicated, openxla_training_steps, resharded_input)}
+
+if __name__ == "__main__":
+    print(json.dumps({"case": sys.argv[1], **CASES[sys.argv[1]]()}))
