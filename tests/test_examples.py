@@ -73,3 +73,16 @@ def test_example_matches_eager_and_compiles_once(name, example_runs):
     assert len(matched) == comparisons, result.stdout
     assert not [line for line in lines if "DIFFERS" in line]
     assert [line for line in lines if "compile(s)" in line] == count_lines
+
+
+def test_fsdp_example_trains_like_eager_with_sharded_gradients():
+    # 4 virtual devices (the example sets CPU_NUM_DEVICES itself on the CPU)
+    result = _run_examples("fsdp_rnn")["fsdp_rnn"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 5
+    for line in steps:  # "step 0: loss 0.521756 (eager CPU 0.521756)"
+        ours, eager = (float(w.strip("()")) for w in (line.split()[3], line.split()[6]))
+        assert abs(ours - eager) < 1e-5, line
+    assert "sharding {devices=[4,1]0,1,2,3}, its gradient {devices=[4,1]0,1,2,3}" in result.stdout
+    assert "While body 1 of the compiled programs" in result.stdout
