@@ -4,6 +4,7 @@ trained while_loops by recompiling and rerunning the call."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -94,3 +95,39 @@ def test_int_results_are_read_back_once_per_call():
         x, i, twice = compiled(x)
     assert (i, twice) == (3, 6) and type(i) is int
     assert delta.host_syncs == 2 and delta.compiles == 0
+
+
+def test_the_bridge_partitions_a_copy_so_the_graph_can_be_traced_again():
+    # torch_xla's bridge fuses the module it is given in place; BridgeCall hands it a copy,
+    # so that a retrace (SPMD: an input with a new sharding) starts from the lowered graph.
+    from xla_loop_backend.call import BridgeCall
+    from xla_loop_backend.lowering.driver import LoweredGraph
+
+    gm = torch.fx.symbolic_trace(lambda x: torch.tanh(x) * 2)
+    before = str(gm.graph)
+    call = BridgeCall(LoweredGraph(gm, 0))
+    x = torch.randn(3, device=xla_device())
+    torch.testing.assert_close(call(x).cpu(), torch.tanh(x.cpu()) * 2)
+    assert str(gm.graph) == before and not any("fused" in n.name for n in gm.graph.nodes)
+
+
+def test_outside_spmd_the_bridge_traces_with_the_args_themselves():
+    from xla_loop_backend.call import _input_shardings, _spmd_trace_args
+
+    args = [torch.randn(2, 2, device=xla_device()), 3]
+    assert all(a is b for a, b in zip(_spmd_trace_args(args), args))
+    assert _input_shardings(args) is None
+
+
+@pytest.mark.parametrize("before", [None, "7"])
+def test_the_bridges_sharding_check_is_off_only_while_it_compiles(before, monkeypatch):
+    from xla_loop_backend.call import _bridge_sharding_check_off
+
+    name = "XLA_DYNAMO_INPUT_SHARDING_CHECK_THRESHOLD"
+    if before is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, before)
+    with _bridge_sharding_check_off():
+        assert os.environ[name] == "0"
+    assert os.environ.get(name) == before

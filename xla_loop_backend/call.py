@@ -175,7 +175,7 @@ def _spmd_trace_args(args: Sequence[Any]) -> list[Any]:
     parameters) no longer recognises it as an argument and bakes in its current value:
     after an optimizer step updates the parameters, that graph silently computes with the
     old ones (wrong gradients from the second step on; torch_xla's own `openxla` backend
-    does it too, and `tests/test_call.py` notices when it stops). A tensor wrapped on the
+    does it too, and `tests/test_spmd.py` notices when it stops). A tensor wrapped on the
     buffer by that same lookup is tagged with its own id, so tracing with it keeps every
     argument an argument. The args are first made device buffers of their own (uploaded,
     or computed if pending: as the bridge's first call would), so that the bridge's own
