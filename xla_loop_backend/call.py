@@ -190,6 +190,9 @@ def _spmd_trace_args(args: Sequence[Any]) -> list[Any]:
     xla = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.device.type == "xla"]
     if xla:
         torch_xla._XLAC._xla_sync_multi([args[i] for i in xla], devices=[], wait=True, sync_xla_data=True)
+    # An arg computed by an earlier asynchronous sync may still be a placeholder, and
+    # torch_xla's lookup crashes the process on one: wait (the bridge waits here too).
+    torch_xla._XLAC._xla_wait_device_ops(devices=[])
     stand_ins = list(args)
     for i in xla:
         _, buffers = torch_xla._XLAC._get_tensors_xla_device_data_node([args[i]])
