@@ -4,7 +4,8 @@ CPU (reference_loops.py), on two calls with different trip counts; the second ca
 reuse the executable with no host transfer (so none per iteration either).
 
 CI runs FUZZ_EXAMPLES programs, the same ones every run (derandomized). The long mode
-draws new ones:  XLA_LOOP_FUZZ_EXAMPLES=3000 XLA_LOOP_FUZZ_SEED=1 ./dev test tests/test_fuzz.py
+draws new ones:  ./dev fuzz forward 3000 1 2  (processes of 250 programs, tests/long_fuzz.sh)
+or XLA_LOOP_FUZZ_EXAMPLES=3000 XLA_LOOP_FUZZ_SEED=1 ./dev test tests/test_fuzz.py (one process).
 A failure is shrunk by hypothesis to a small program, printed with its source; add that
 source to test_fuzz_regressions.py so it stays a regular test.
 """

@@ -5,8 +5,10 @@ on two calls with different trip counts; the second call must compile nothing, r
 most one value back (the loops' report) and transfer nothing else.
 
 CI runs GRAD_FUZZ_EXAMPLES programs, the same ones every run (derandomized). The long mode
-draws new ones:
-    XLA_LOOP_GRAD_FUZZ_EXAMPLES=2000 XLA_LOOP_GRAD_FUZZ_SEED=1 ./dev test tests/test_grad_fuzz.py
+draws new ones, in processes of 250 programs (tests/long_fuzz.sh):
+    ./dev fuzz grad 2000 1 2      # 2000 programs, seeds 1-8, two processes at a time
+or in this one process:
+    XLA_LOOP_GRAD_FUZZ_EXAMPLES=250 XLA_LOOP_GRAD_FUZZ_SEED=1 ./dev test tests/test_grad_fuzz.py
 A failure is shrunk by hypothesis to a small program, printed with its source; add it to
 test_grad_fuzz_regressions.py so it stays a regular test. With XLA_LOOP_FUZZ_LOG=FILE each
 program is appended to FILE before it runs (the last one is the culprit if the process dies).

@@ -107,3 +107,37 @@ REGRESSIONS = {
 @pytest.mark.parametrize("name", list(REGRESSIONS))
 def test_grad_fuzz_regression(name):
     check_training_program(REGRESSIONS[name])
+
+
+def _bounded_by(bound: str) -> TrainingProgram:
+    return TrainingProgram(
+        source=(
+            'class Program(torch.nn.Module):\n'
+            '    def __init__(self):\n'
+            '        super().__init__()\n'
+            '        self.p0 = torch.nn.Linear(4, 4)\n'
+            '        self.p1 = torch.nn.Linear(4, 4)\n'
+            '        self.p2 = torch.nn.Linear(4, 1)\n'
+            '\n'
+            '    def forward(self, n, m, x, xs):\n'
+            '        dev = x.device\n'
+            '        def body2(i, c0):\n'
+            '            return i + 1, torch.tanh(self.p0(c0))\n'
+            '        h1 = L.while_loop(lambda i, c0: i < n + m, body2, (torch.zeros((), dtype=torch.int64, device=dev), x))[1]\n'
+            '        def body3(i, c0):\n'
+            '            return i + 1, torch.tanh(self.p1(c0))\n'
+            f'        h4 = L.while_loop(lambda i, c0: i < {bound}, body3, (torch.zeros((), dtype=torch.int64, device=dev), h1))[1]\n'
+            '        return self.p2(h4).pow(2).mean() + h4.pow(2).mean()\n'
+        ),
+        seed=0,
+        trip_counts=((2, 1), (1, 3)),
+    )
+
+
+def test_a_program_differing_only_in_a_loop_bound_gets_an_executable_of_its_own():
+    # Found as a run of programs in one process: after a program whose second loop ran to
+    # n, the same program with the loop running to m (both already used before it) computed
+    # with n: torch_xla's graph hash could not tell the two apart (pytorch/xla#8353), so the
+    # second reused the first's executable. Fixed: torch_xla_fixes.KEYED_BY_WIRING.
+    check_training_program(_bounded_by("n"))
+    check_training_program(_bounded_by("m"))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from loop_testing import xla_device
+import torch_xla
+from loop_testing import MetricsDelta, xla_device
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import xla_loop_backend  # noqa: F401  (registers the backend)
@@ -84,3 +85,68 @@ def test_outputs_sharing_a_value_become_copies_and_come_back_in_order():
     a, b = torch.tensor(3, device=xla_device()), torch.ones(2, device=xla_device())
     out = [t.cpu().tolist() for t in dynamo_bridge.extract_compiled_graph(gm, [a, b])(a, b)]
     assert out == [[2.0, 2.0], 3, 3, [2.0, 2.0], 2.0]
+
+
+# Two functions that differ only in which input the last op reads. Each test uses shapes of
+# its own: torch_xla's executable cache lives as long as the process.
+def _reads_x(x, y):
+    return torch.sin(x) * y + x
+
+
+def _reads_y(x, y):
+    return torch.sin(x) * y + y
+
+
+def _inputs(shape):
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+
+
+def test_torch_xla_still_runs_another_graphs_executable():
+    # When this fails, torch_xla's graph hash tells these graphs apart (pytorch/xla#8353)
+    # and KEYED_BY_WIRING can go.
+    x, y = _inputs((7, 5))
+    dev = xla_device()
+    torch.compile(_reads_x, backend="openxla")(x.to(dev), y.to(dev))
+    wrong = torch.compile(_reads_y, backend="openxla")(x.to(dev), y.to(dev)).cpu()
+    assert not torch.allclose(wrong, _reads_y(x, y)), "torch_xla tells the graphs apart now: KEYED_BY_WIRING can go"
+
+
+def test_graphs_differing_only_in_which_input_an_op_reads_get_executables_of_their_own():
+    x, y = _inputs((5, 7))
+    dev = xla_device()
+    for fn in (_reads_x, _reads_y, _reads_x):
+        out = torch.compile(fn, backend="xla_loop", fullgraph=True)(x.to(dev), y.to(dev))
+        torch.testing.assert_close(out.cpu(), fn(x, y))
+
+
+def test_the_same_graph_compiled_again_reuses_its_executable():
+    # The key is a digest of the traced graph, the same on every trace: a second compile of
+    # the same function (after Dynamo forgot it) runs the executable the first one built.
+    x, y = _inputs((3, 7))
+    dev = xla_device()
+    torch.compile(_reads_y, backend="xla_loop", fullgraph=True)(x.to(dev), y.to(dev))
+    torch._dynamo.reset()
+    with MetricsDelta() as delta:
+        out = torch.compile(_reads_y, backend="xla_loop", fullgraph=True)(x.to(dev), y.to(dev))
+    torch.testing.assert_close(out.cpu(), _reads_y(x, y))
+    assert delta.compiles == 0
+
+
+def test_one_computed_output_passes_through_the_key():
+    from xla_loop_backend.passes.torch_xla_fixes import KEYED_BY_WIRING, keyed_by_wiring
+
+    gm = torch.fx.symbolic_trace(lambda a, b: (a, a * b, b + 1))
+    KEYED_BY_WIRING.run(gm)
+    (key,) = _calls(gm, keyed_by_wiring)
+    outs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    assert all(o.args[0] is key for o in outs) and [o.args[1] for o in outs] == [0, 1, 2]
+
+    dev = xla_device()
+    a, b = torch.randn(2, 3, device=dev), torch.randn(2, 3, device=dev)
+    torch_xla.sync()
+    keyed = keyed_by_wiring((a, a * b, b + 1))
+    assert keyed[0] is a  # an input returned as it is stays itself
+    hlo = torch_xla._XLAC._get_xla_tensors_hlo(keyed[1:])
+    assert "xla_loop_key" in hlo and hlo.count("xla_loop_key") >= 1
+    assert torch.equal(keyed[1].cpu(), (a * b).cpu()) and torch.equal(keyed[2].cpu(), (b + 1).cpu())

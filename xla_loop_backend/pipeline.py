@@ -13,6 +13,7 @@
       │  lowering driver     control-flow nodes -> lowering rules (one XLA While each)
       │  BEFORE_BRIDGE
       │    distinct_outputs  keeps the bridge from mixing up outputs (a torch_xla bug)
+      │    keyed_by_wiring   keeps torch_xla from running another graph's executable (a bug)
       ▼
     torch_xla's bridge: one cached executable per graph (call.BridgeCall); around the whole
     function, call.ReportingCall reads the loops' report once per call.
@@ -30,6 +31,8 @@ Ordering constraints:
   the driver stages as XLA computations.
 - `distinct_outputs` after the lowering driver, which finds the graph's int outputs by their
   nodes: it only wraps the outputs the bridge sees.
+- `keyed_by_wiring` last: its digest is of the graph as the bridge traces it, every rewrite
+  included.
 
 `compile` runs the pipeline; the backend (`backend.xla_loop`), `inspect.lowered_hlo` and the
 tests all go through it.
@@ -54,7 +57,7 @@ from .passes import reports, remat, torch_fixes, torch_xla_fixes, unalias, while
 BEFORE_AUTOGRAD = (unalias.PASS, while_loops.PASS, reports.PASS, remat.PASS)
 OP_FIXES = torch_fixes.OP_FIXES
 AFTER_AUTOGRAD = (torch_xla_fixes.PASS,)
-BEFORE_BRIDGE = (torch_xla_fixes.DISTINCT_OUTPUTS,)
+BEFORE_BRIDGE = (torch_xla_fixes.DISTINCT_OUTPUTS, torch_xla_fixes.KEYED_BY_WIRING)
 
 for _install in OP_FIXES:
     _install()

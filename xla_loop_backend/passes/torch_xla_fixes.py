@@ -13,8 +13,22 @@ ops that give wrong results, found by the differential fuzzer (tests/test_fuzz.p
   lists no longer line up). `DISTINCT_OUTPUTS` makes every output after the first whose
   value is another's (through clones and no-op views) a copy computed on the device
   (`zeros + x`). Run on the graph the bridge gets.
+- torch_xla keys its executables by a hash of the graph in which every input of one shape
+  and dtype hashes the same, and which records only where each input is first used
+  (pytorch/xla#8353). Two graphs that differ only in which input a later op reads (e.g.
+  `sin(x) * y + x` and `sin(x) * y + y`, or a loop bounded by `n` and one bounded by `m`)
+  share an executable: the second one silently runs the first (openxla does it too; the
+  gradient fuzzer found it). `KEYED_BY_WIRING` passes the graph's results through
+  `keyed_by_wiring`, which, while the bridge traces, puts a digest of the traced graph's
+  text (its nodes in order, each naming its operands) into the hash, as the name of an
+  identity computation around one computed result (free: XLA inlines it). Run last on the
+  graph the bridge gets.
 """
 from __future__ import annotations
+
+import hashlib
+import operator
+from typing import Any, Sequence
 
 import torch
 import torch.fx
@@ -123,5 +137,55 @@ DISTINCT_OUTPUTS = NodeRewrite(
     "distinct_outputs",
     "keeps the bridge from mixing up outputs that share device data",
     (_distinct_outputs,),
+    subgraphs=False,
+)
+
+
+def keyed_by_wiring(outputs: Sequence[Any]) -> list[Any]:
+    """The outputs, one computed XLA tensor among them passed through an identity
+    computation named by a digest of the traced graph (see the module docstring)."""
+    import torch_xla
+    import torch_xla.core.xla_builder as xb
+
+    from ..lowering.sharding import pinned, shardings_of
+
+    out = list(outputs)
+    positions = [i for i, t in enumerate(out) if isinstance(t, torch.Tensor) and t.device.type == "xla"]
+    tensors = [out[i] for i in positions]
+    if not tensors:
+        return out
+    computed = [i for i, pending in zip(positions, torch_xla._XLAC._check_tensor_need_materialization(tensors)) if pending]
+    if not computed:  # (only inputs returned as they are: the hash sees each one's position)
+        return out
+    shardings = dict(zip(computed, shardings_of([out[i] for i in computed])))
+    target = next((i for i in computed if shardings[i] is None), computed[0])
+    digest = hashlib.sha256(torch_xla._XLAC._get_xla_tensors_text(tensors).encode()).hexdigest()[:32]
+    builder = xb.create_builder("xla_loop_key")
+    identity = xb.mkparam(builder, 0, xb.tensor_shape(out[target])).build("xla_loop_key")
+    (keyed,) = torch_xla._XLAC._xla_user_computation(f"xla_loop::graph_{digest}", [out[target]], identity)
+    (out[target],) = pinned([keyed], [shardings[target]])
+    return out
+
+
+def _key_by_wiring(graph: torch.fx.Graph) -> bool:
+    output = next(n for n in graph.nodes if n.op == "output")
+    outs = output.args[0]
+    if not isinstance(outs, (tuple, list)) or not any(isinstance(o, torch.fx.Node) for o in outs):
+        return False
+    new = list(outs)
+    with graph.inserting_before(output):
+        keyed = graph.call_function(keyed_by_wiring, (tuple(outs),))
+        for i, out in enumerate(outs):
+            if isinstance(out, torch.fx.Node):
+                new[i] = graph.call_function(operator.getitem, (keyed, i))
+                new[i].meta = dict(out.meta)
+    output.args = (type(outs)(new),)
+    return True
+
+
+KEYED_BY_WIRING = NodeRewrite(
+    "keyed_by_wiring",
+    "keeps torch_xla from running another graph's executable (pytorch/xla#8353)",
+    (_key_by_wiring,),
     subgraphs=False,
 )
