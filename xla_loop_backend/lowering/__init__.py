@@ -3,7 +3,7 @@
 A rule takes the FX node (for error messages; None when called directly), then the op's
 fields by name (`ops.OpSpec.bind`), with lazy XLA tensors for tensors and GraphModules for
 subgraphs, and returns the op's outputs as lazy XLA tensors built around one XLA While (loops) or
-Conditional (cond).
+Conditional (cond), or computed in line (invoke_subgraph).
 Nested loops inside a subgraph reach the same table through `SubgraphInterpreter`.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from ..errors import LoopLoweringError, loop_name
 from ..ops import spec_of
 from .cond import lower_cond
+from .invoke_subgraph import lower_invoke_subgraph
 from .scan import lower_map, lower_scan
 from .while_loop import lower_while_loop
 
@@ -25,6 +26,7 @@ LOWERING_RULES: dict[str, LoweringRule] = {
     "scan": lower_scan,
     "map": lower_map,
     "cond": lower_cond,
+    "invoke_subgraph": lower_invoke_subgraph,
 }
 
 
