@@ -20,12 +20,12 @@ nested_compile_region = torch.compiler.nested_compile_region
 class Block(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.norm = torch.nn.LayerNorm(8)
         self.fc = torch.nn.Linear(8, 8)
+        self.scale = torch.nn.Parameter(torch.linspace(0.5, 1.5, 8))
 
     @nested_compile_region
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + torch.tanh(self.fc(self.norm(x)))
+        return x + torch.tanh(self.fc(x)) * self.scale
 
 
 class Blocks(torch.nn.Module):
@@ -93,14 +93,14 @@ class LoopsInMarked(torch.nn.Module):
         return h.pow(2).mean()
 
 
-def _train_against_eager(model_type, *calls):
+def _train_against_eager(model_type, *calls, options=None):
     """Each call's loss and gradients, compiled with xla_loop on the device, against the same
     model run eagerly (Python loops) on CPU; every call after the first compiles nothing."""
     xla_device()  # (the XLA runtime starts before the first backward; see loop_testing)
     torch.manual_seed(0)
     reference = model_type()
     model = copy.deepcopy(reference).to(xla_device())
-    compiled = torch.compile(model, backend="xla_loop", fullgraph=True)
+    compiled = torch.compile(model, backend="xla_loop", fullgraph=True, options=options)
     for k, args in enumerate(calls):
         reference.zero_grad(set_to_none=True)
         model.zero_grad(set_to_none=True)
@@ -132,10 +132,13 @@ def _invoke_subgraph_calls(gm):
     return [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
 
 
-def test_marked_blocks_train_like_eager():
+@pytest.mark.parametrize("roll_layers", [False, True])  # in line; rolled (passes/roll_layers.py)
+def test_marked_blocks_train_like_eager(roll_layers):
     assert len(_invoke_subgraph_calls(_graph_of(Blocks(), torch.randn(4, 8)))) == 3
+    torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)
-    _train_against_eager(Blocks, (torch.randn(4, 8, generator=gen),), (torch.randn(4, 8, generator=gen),))
+    calls = [(torch.randn(4, 8, generator=gen),), (torch.randn(4, 8, generator=gen),)]
+    _train_against_eager(Blocks, *calls, options={"roll_layers": roll_layers})
 
 
 def test_marked_function_inside_a_scan_body_runs_like_the_python_loop():

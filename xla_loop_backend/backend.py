@@ -48,21 +48,31 @@ def compile(  # noqa: A001 - mirrors torch.compile
     max_iterations: int | None = None,
     capacity: int | None = None,
     remat: bool | int = False,
+    roll_layers: bool = True,
     **options: Any,
 ) -> F | Callable[[F], F]:
     """Decorator: ``torch.compile(fn, backend="xla_loop", ...)`` for loop-heavy functions.
 
     Use bare (``@xla_loop_backend.compile``) or with torch.compile's options
     (``@xla_loop_backend.compile(fullgraph=True, dynamic=False)``) and xla_loop's
-    (`max_iterations`, `capacity`, `remat`: see `options.OPTIONS`). A loop error surfaces
+    (`max_iterations`, `capacity`, `remat`, `roll_layers`: see `options.OPTIONS`). A loop error surfaces
     as the `LoopLoweringError` itself rather than wrapped in Dynamo's exceptions.
     """
     if fn is None:
         return functools.partial(
-            compile, fullgraph=fullgraph, dynamic=dynamic, max_iterations=max_iterations, capacity=capacity, remat=remat, **options
+            compile,
+            fullgraph=fullgraph,
+            dynamic=dynamic,
+            max_iterations=max_iterations,
+            capacity=capacity,
+            remat=remat,
+            roll_layers=roll_layers,
+            **options,
         )
     backend_options = {"max_iterations": max_iterations, "capacity": capacity, "remat": remat}
     backend_options = {k: v for k, v in backend_options.items() if v not in (None, False)}
+    if not roll_layers:
+        backend_options["roll_layers"] = False
     if backend_options:
         options["options"] = {**options.get("options", {}), **backend_options}
     compiled = torch.compile(fn, backend=xla_loop, fullgraph=fullgraph, dynamic=dynamic, **options)

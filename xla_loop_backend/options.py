@@ -2,8 +2,9 @@
 
 `max_iterations` bounds every while_loop (a loop still running after that many iterations
 makes the call raise); `capacity` is how many iterations a trained while_loop stores before
-its stack grows; `remat` trades compute for the memory of stored carries. See
-`passes/while_loops.py` and `passes/remat.py`.
+its stack grows; `remat` trades compute for the memory of stored carries; `roll_layers`
+runs repeated layers as one scan. See `passes/while_loops.py`, `passes/remat.py` and
+`passes/roll_layers.py`.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ OPTIONS = {
     "max_iterations": "bound on the trip count of every while_loop (int); a loop still running after it makes the call raise",
     "capacity": f"iterations a trained while_loop stores before its stack grows (int, default {DEFAULT_CAPACITY}; grown on demand)",
     "remat": "training: recompute loop steps in the backward, storing carries every k steps (True: k=sqrt(length), or k)",
+    "roll_layers": "chains of calls of one nested_compile_region subgraph run as one scan over the stacked layers (default True)",
 }
 
 
@@ -28,6 +30,7 @@ class Options:
     max_iterations: int | None = None
     capacity: int = DEFAULT_CAPACITY
     remat: bool | int = False
+    roll_layers: bool = True
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None, mode: str | None = None) -> "Options":
@@ -40,6 +43,8 @@ class Options:
             value = getattr(parsed, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"xla_loop: {name} must be a positive int, found {value!r}")
+        if not isinstance(parsed.roll_layers, bool):
+            raise ValueError(f"xla_loop: roll_layers must be True or False, found {parsed.roll_layers!r}")
         remat = parsed.remat
         if not isinstance(remat, (bool, int)) or (not isinstance(remat, bool) and remat < 1):
             raise ValueError(f"xla_loop: remat must be True, False or a positive int (steps per segment), found {remat!r}")

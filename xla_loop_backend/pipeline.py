@@ -2,6 +2,7 @@
 
     Dynamo graph
       │  BEFORE_AUTOGRAD (each a rule per control-flow op kind, at every depth)
+      │    roll_layers  chains of calls of one subgraph -> one scan (option `roll_layers`)
       │    unalias      loops get distinct operands
       │    while_loops  bounded / trainable while_loops, each returning a report
       │    reports      reports of inner loops carried out to the graph's output
@@ -19,7 +20,8 @@
     function, call.ReportingCall reads the loops' report once per call.
 
 Ordering constraints:
-- `unalias` first: torch's loop ops refuse aliased operands as soon as they are traced, and
+- `roll_layers` first: the scans it makes then meet every later pass as the user's own.
+- `unalias` next: torch's loop ops refuse aliased operands as soon as they are traced, and
   the passes after it trace nothing but must see a graph AOTAutograd will accept.
 - `while_loops` before `reports`: it makes the loops that report.
 - `reports` before AOTAutograd: the graph's outputs are fixed when it is traced.
@@ -52,9 +54,9 @@ from .errors import LoopLoweringError
 from .fallback import warn_host_loop
 from .lowering.driver import lower_loops
 from .options import Options, PassContext, stack_capacity
-from .passes import reports, remat, torch_fixes, torch_xla_fixes, unalias, while_loops
+from .passes import reports, remat, roll_layers, torch_fixes, torch_xla_fixes, unalias, while_loops
 
-BEFORE_AUTOGRAD = (unalias.PASS, while_loops.PASS, reports.PASS, remat.PASS)
+BEFORE_AUTOGRAD = (roll_layers.PASS, unalias.PASS, while_loops.PASS, reports.PASS, remat.PASS)
 OP_FIXES = torch_fixes.OP_FIXES
 AFTER_AUTOGRAD = (torch_xla_fixes.PASS,)
 BEFORE_BRIDGE = (torch_xla_fixes.DISTINCT_OUTPUTS, torch_xla_fixes.KEYED_BY_WIRING)

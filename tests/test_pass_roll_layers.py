@@ -1,0 +1,159 @@
+"""passes/roll_layers.py: a chain of calls of one nested_compile_region subgraph becomes one
+scan over the stacked per-layer operands (shared operands as its additional inputs, values
+used outside the chain as its ys); forward and gradients equal eager PyTorch on CPU, and the
+layer is lowered once."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch_xla
+from loop_testing import MetricsDelta, xla_device
+from training_testing import assert_grads_close, grads
+
+import xla_loop_backend
+
+from xla_loop_backend.inspect import lowered_hlo
+from xla_loop_backend.options import Options, PassContext
+from xla_loop_backend.passes.roll_layers import PASS as ROLL_LAYERS
+
+nested_compile_region = torch.compiler.nested_compile_region
+_scan = torch.ops.higher_order.scan
+_invoke = torch.ops.higher_order.invoke_subgraph
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(8)
+        self.fc = torch.nn.Linear(8, 8)
+
+    @nested_compile_region
+    def forward(self, x: torch.Tensor, shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.fc(self.norm(x))) * shared
+        return x + h, h.sum(-1)  # the next layer's input, and a per-layer value
+
+
+class Stack(torch.nn.Module):
+    """`depth` marked blocks; `per_layer` also returns each block's second output."""
+
+    def __init__(self, depth: int = 4, per_layer: bool = False) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Block() for _ in range(depth))
+        self.shared = torch.nn.Parameter(torch.linspace(0.5, 1.5, 8))
+        self.per_layer = per_layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        extras = []
+        for block in self.blocks:
+            x, extra = block(x, self.shared)
+            extras.append(extra)
+        loss = x.pow(2).mean()
+        if self.per_layer:
+            loss = loss + torch.stack(extras).pow(2).mean()
+        return loss
+
+
+class ReadInside(Stack):
+    """A block's output read before the chain ends: it must not move past that read."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, _ = self.blocks[0](x, self.shared)
+        early = x1 * 2
+        x2, _ = self.blocks[1](x1, self.shared)
+        x3, _ = self.blocks[2](x2 + early, self.shared)
+        return x3.pow(2).mean()
+
+
+def _dynamo_graph(model, *args):
+    graphs = []
+
+    def spy(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    torch.compile(model, backend=spy, fullgraph=True)(*args)
+    return graphs[0]
+
+
+def _rolled(model, *args, **options):
+    gm, example_inputs = _dynamo_graph(model, *args)
+    ROLL_LAYERS.run(gm, PassContext.for_graph(Options.parse(options), example_inputs))
+    return gm
+
+
+def _calls(gm, target):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
+
+
+def test_a_chain_of_marked_layers_becomes_one_scan():
+    gm = _rolled(Stack(depth=4, per_layer=True), torch.randn(2, 8))
+    (scan,) = _calls(gm, _scan)
+    assert not _calls(gm, _invoke)
+    _, init, xs, shared = scan.args
+    assert len(init) == 1 and len(shared) == 1  # the carry; the shared scale
+    assert [tuple(n.meta["example_value"].shape) for n in xs] == [(4, 8), (4, 8), (4, 8, 8), (4, 8)]
+    assert len(scan.meta["example_value"]) == 2  # the carry, and the per-layer value as ys
+
+
+def test_roll_layers_off_leaves_the_calls():
+    gm = _rolled(Stack(depth=3), torch.randn(2, 8), roll_layers=False)
+    assert not _calls(gm, _scan) and len(_calls(gm, _invoke)) == 3
+
+
+def test_a_value_read_before_the_chain_ends_keeps_the_calls():
+    gm = _rolled(ReadInside(depth=3), torch.randn(2, 8))
+    assert not _calls(gm, _scan) and len(_calls(gm, _invoke)) == 3
+
+
+def _train_against_eager(model, calls, **options):
+    xla_device()
+    reference = model
+    device_model = copy.deepcopy(model).to(xla_device())
+    compiled = xla_loop_backend.compile(device_model, fullgraph=True, **options)
+    for k, x in enumerate(calls):
+        reference.zero_grad(set_to_none=True)
+        device_model.zero_grad(set_to_none=True)
+        expected = reference(x)
+        expected.backward()
+        x_dev = x.to(xla_device())
+        torch_xla.sync()
+        with MetricsDelta() as delta:
+            loss = compiled(x_dev)
+            loss.backward()
+        torch.testing.assert_close(loss.detach().cpu(), expected.detach(), rtol=1e-4, atol=1e-4)
+        assert_grads_close(grads(device_model), grads(reference))
+        if k > 0:
+            assert delta.compiles == 0
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_rolled_layers_train_like_eager(per_layer):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    _train_against_eager(Stack(depth=5, per_layer=per_layer), [torch.randn(3, 8, generator=gen) for _ in range(2)])
+
+
+@pytest.mark.parametrize("remat", [True, 2])
+def test_rolled_layers_train_with_remat(remat):
+    torch.manual_seed(1)
+    gen = torch.Generator().manual_seed(1)
+    _train_against_eager(Stack(depth=6, per_layer=True), [torch.randn(3, 8, generator=gen)], remat=remat)
+
+
+def test_a_chain_that_cannot_roll_still_trains_like_eager():
+    torch.manual_seed(2)
+    gen = torch.Generator().manual_seed(2)
+    _train_against_eager(ReadInside(depth=3), [torch.randn(3, 8, generator=gen)])
+
+
+def test_the_layer_is_lowered_once():
+    torch.manual_seed(3)
+    model = Stack(depth=6).to(xla_device())
+    with torch.no_grad():
+        (rolled,) = lowered_hlo(model, torch.randn(2, 8, device=xla_device()), fullgraph=True)
+        torch._dynamo.reset()
+        (unrolled,) = lowered_hlo(model, torch.randn(2, 8, device=xla_device()), fullgraph=True, options={"roll_layers": False})
+    assert rolled.count(" tanh(") == 1 and unrolled.count(" tanh(") == 6
+    assert "while(" in rolled
