@@ -81,10 +81,11 @@ class TrainingProgram:
 _PIECES = {
     "linear": (f"torch.nn.Linear({DIM}, {DIM})", "torch.tanh(self.{p}({h}))"),
     "gru": (f"torch.nn.GRUCell({DIM}, {DIM})", "self.{p}({e}, {h})"),
-    # (plus some of x, so it never normalizes a state constant along DIM: its gradient is
+    # (plus a ramp, so it never normalizes a state constant along DIM: its gradient is
     # float32 noise scaled by 1/sqrt(eps) per LayerNorm, e.g. 1e18 after nine; a step input
-    # alone is not enough, as a scan over a stack of a zero state gives zero steps)
-    "layernorm": (f"torch.nn.LayerNorm({DIM})", "self.{p}({h} + 0.3 * {e} + 0.2 * x)"),
+    # alone is not enough, as a scan over a stack of a zero state gives zero steps. Not x:
+    # a map body that takes x and also reads it is refused by torch 2.9's Dynamo)
+    "layernorm": (f"torch.nn.LayerNorm({DIM})", "self.{p}({h} + 0.3 * {e} + torch.linspace(-0.2, 0.2, %d, device=dev))" % DIM),
     "scale": (f"torch.nn.Parameter(torch.linspace(0.5, 1.2, {DIM}))", "torch.tanh({h} * self.{p} + {e} * 0.1)"),
     "input": (None, "torch.tanh({h} + 0.5 * {e})"),
 }
