@@ -1,6 +1,7 @@
 """Differential fuzzing of training: random training programs (training_programs.py)
 compiled with xla_loop on the XLA device must give the loss and the gradients (of every
-parameter and of the inputs) that the same program gives as plain Python loops on CPU,
+parameter and of the inputs) that the same program gives as plain Python loops on CPU
+(1e-4; a gradient to 1e-4 of its largest entry, see TOLERANCE),
 on two calls with different trip counts; the second call must compile nothing, read at
 most one value back (the loops' report) and transfer nothing else.
 
@@ -29,6 +30,11 @@ import xla_loop_backend
 GRAD_FUZZ_EXAMPLES = int(os.environ.get("XLA_LOOP_GRAD_FUZZ_EXAMPLES", "50"))
 GRAD_FUZZ_SEED = os.environ.get("XLA_LOOP_GRAD_FUZZ_SEED")
 FUZZ_LOG = os.environ.get("XLA_LOOP_FUZZ_LOG")
+# Loss and gradients match to 1e-4, each gradient to 1e-4 of its largest entry: through
+# nested loops with LayerNorm, float32 rounding grows (XLA's tanh and reduction order are
+# not CPU's). Seen: 1.7e-4 off float64 on an entry of 0.29 in a gradient whose largest
+# entry is 11.5 (CPU float32: 1.8e-5 off), a while_loop around a scan around a reverse
+# scan, 18 steps deep. A wrong gradient is off by a part of its own size, not 1e-5 of it.
 TOLERANCE = 1e-4
 
 _programs_run = 0
@@ -77,7 +83,11 @@ def check_training_program(program: TrainingProgram) -> None:
         torch.testing.assert_close(loss.detach().cpu(), expected_loss.detach(), rtol=TOLERANCE, atol=TOLERANCE)
         for name in expected:
             torch.testing.assert_close(
-                actual[name], expected[name], rtol=TOLERANCE, atol=TOLERANCE, msg=lambda msg: f"gradient of {name}: {msg}"
+                actual[name],
+                expected[name],
+                rtol=TOLERANCE,
+                atol=TOLERANCE * max(1.0, expected[name].abs().max().item()),
+                msg=lambda msg: f"gradient of {name}: {msg}",
             )
         if call == 1:
             counts = (delta.compiles, delta.host_syncs, delta.transfers_from_device)

@@ -157,3 +157,12 @@ def test_the_layer_is_lowered_once():
         (unrolled,) = lowered_hlo(model, torch.randn(2, 8, device=xla_device()), fullgraph=True, options={"roll_layers": False})
     assert rolled.count(" tanh(") == 1 and unrolled.count(" tanh(") == 6
     assert "while(" in rolled
+
+
+def test_a_layer_that_updates_its_inputs_keeps_the_calls():
+    # (a BatchNorm's running statistics in training mode: a scan body may not update them)
+    from test_lowering_invoke_subgraph import NormBlocks
+
+    with torch.no_grad():
+        gm = _rolled(NormBlocks(), torch.randn(4, 8))
+    assert not _calls(gm, _scan) and len(_calls(gm, _invoke)) == 3

@@ -7,7 +7,9 @@ named function that closes over the subgraph modules and calls the lowering rule
 nested in a subgraph are lowered when the enclosing subgraph is traced.
 
 Before that, `CHECK` (a pass: one rule per op kind) rejects at compile time what cannot be
-lowered: an op with no lowering rule, or a loop body whose shapes depend on data.
+lowered: an op with no lowering rule, or a loop body whose shapes depend on data; and any
+other higher-order op that calls a subgraph (e.g. AOTAutograd's `auto_functionalized_v2`
+around an invoke_subgraph that mutates its inputs) is an error, not a bridge crash.
 
 Python int (and bool) results of a loop stay 0-dim device tensors inside the graph;
 `LoweredGraph` records which graph outputs the caller expects as Python scalars, and of
@@ -23,9 +25,9 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
-from ..errors import LoopLoweringError
-from ..ops import KINDS, Call, is_control_flow
-from ..traversal import GraphPass, Site
+from ..errors import LoopLoweringError, loop_name
+from ..ops import KINDS, Call, is_control_flow, spec_of
+from ..traversal import GraphPass, Site, graph_modules
 from . import lower_control_flow, rule_for
 from .subgraph import TensorScalarCall, is_symbolic_scalar
 
@@ -72,9 +74,41 @@ def _check_static_shapes(loop: str, subgraph: torch.fx.GraphModule) -> None:
             )
 
 
+def _check_no_unknown_subgraph_calls(gm: torch.fx.GraphModule) -> None:
+    """A higher-order op that is not described in `ops.py` but takes a subgraph cannot reach
+    torch_xla's bridge (which takes tensors and numbers only, and fails with an assertion)."""
+    for module in graph_modules(gm):
+        for node in module.graph.nodes:
+            if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+                continue
+            if is_control_flow(node):
+                continue
+            values = pytree.tree_leaves((node.args, node.kwargs))
+            if not any(isinstance(v, torch.fx.Node) and v.op == "get_attr" and isinstance(getattr(module, v.target, None), torch.fx.GraphModule) for v in values):
+                continue
+            wrapped = next((v for v in values if spec_of(v) is not None), None)
+            hint = (
+                " Here it wraps invoke_subgraph: a function marked with "
+                "torch.compiler.nested_compile_region updates one of its inputs in place (e.g. a "
+                "BatchNorm's running statistics in training mode). Keep that update out of the "
+                "marked function, or drop the marker."
+                if wrapped is _invoke_subgraph
+                else ""
+            )
+            raise LoopLoweringError(
+                f"{loop_name(str(getattr(node.target, '__name__', node.target)), node)}: "
+                f"`torch.ops.higher_order.{node.target.__name__}` calls a subgraph, and xla_loop has no "
+                "lowering for it (torch_xla's bridge cannot take a subgraph argument)." + hint
+            )
+
+
+_invoke_subgraph = torch.ops.higher_order.invoke_subgraph
+
+
 def lower_loops(gm: torch.fx.GraphModule) -> LoweredGraph:
     """Replace the top-level loop nodes of `gm` in place; see the module docstring."""
     CHECK.run(gm, None)
+    _check_no_unknown_subgraph_calls(gm)
     loops = find_loop_nodes(gm)
     if not loops:
         return LoweredGraph(gm, 0)

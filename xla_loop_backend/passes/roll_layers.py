@@ -21,7 +21,9 @@ apart from the rest, so a chain holds two identical GraphModules). Only top-leve
 roll; calls that do not chain stay `invoke_subgraph` and are computed in line
 (`lowering/invoke_subgraph.py`). A chain rolls only where that changes nothing else: every
 use of its values outside it comes after its last call, the non-chained operands are
-tensors of one shape per position, and the chained value keeps its shape and dtype.
+tensors of one shape per position, the chained value keeps its shape and dtype, and the
+layer updates none of its inputs in place (a BatchNorm's running statistics: a scan body
+may not).
 Stacking the per-layer operands costs one copy of them per call.
 
 First in the pipeline: the scans it makes then meet every pass as the user's own do.
@@ -159,6 +161,8 @@ class _Plan:
     @classmethod
     def of(cls, gm: torch.fx.GraphModule, chain: list[_Layer], out: int, operand: int) -> "_Plan | None":
         first, last = chain[0], chain[-1]
+        if _mutates_inputs(first.subgraph):
+            return None  # a scan body may not (a BatchNorm's running statistics, say)
         init, result = example_value(first.operands[operand]), _output_value(first.subgraph, out)
         if not isinstance(init, torch.Tensor) or not isinstance(result, torch.Tensor):
             return None
@@ -282,6 +286,18 @@ def _output_value(sub: torch.fx.GraphModule, index: int) -> Any:
     outs = output.args[0]
     outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
     return example_value(outs[index]) if index < len(outs) else None
+
+
+def _mutates_inputs(sub: torch.fx.GraphModule) -> bool:
+    """Whether the subgraph updates one of its inputs in place (torch's own check)."""
+    from torch._higher_order_ops.utils import check_input_alias_and_mutation_return_outputs
+
+    inputs = [example_value(n) for n in sub.graph.find_nodes(op="placeholder")]
+    try:
+        mutated = check_input_alias_and_mutation_return_outputs(sub, inputs)[3]
+    except Exception:
+        return True  # cannot tell: leave the calls as they are
+    return bool(mutated)
 
 
 def _stackable(values: list[Any]) -> bool:
