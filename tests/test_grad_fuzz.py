@@ -12,7 +12,8 @@ or in this one process:
     XLA_LOOP_GRAD_FUZZ_EXAMPLES=250 XLA_LOOP_GRAD_FUZZ_SEED=1 ./dev test tests/test_grad_fuzz.py
 A failure is shrunk by hypothesis to a small program, printed with its source; add it to
 test_grad_fuzz_regressions.py so it stays a regular test. With XLA_LOOP_FUZZ_LOG=FILE each
-program is appended to FILE before it runs (the last one is the culprit if the process dies).
+program is appended to FILE before it runs (the last one is the culprit if the process dies),
+and "# passed N" after it passed.
 """
 from __future__ import annotations
 
@@ -94,6 +95,9 @@ def check_training_program(program: TrainingProgram) -> None:
             assert delta.compiles == 0 and delta.host_syncs <= 1 and delta.transfers_from_device <= 1, (
                 f"second call: (compiles, host syncs, transfers) = {counts}"
             )
+    if FUZZ_LOG:
+        with open(FUZZ_LOG, "a") as log:
+            log.write(f"# passed {_programs_run}\n")
 
 
 @fuzz_settings(GRAD_FUZZ_EXAMPLES, GRAD_FUZZ_SEED)
