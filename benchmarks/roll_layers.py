@@ -51,6 +51,7 @@ def worker(depth: int, roll: bool) -> str:
     compiled = xla_loop_backend.compile(model, fullgraph=True, roll_layers=roll)
 
     def step() -> float:
+        model.zero_grad(set_to_none=True)  # (as a training step does: no accumulation graph)
         start = time.perf_counter()
         compiled(x).backward()
         torch_xla.sync()

@@ -1,8 +1,7 @@
 """The call-time wrappers: what runs on every call of a compiled function.
 
 - `BridgeCall`, per AOTAutograd graph (forward, backward): builds torch_xla's cached
-  executable on the first call (the bridge needs real device inputs; each graph it traces
-  keyed by its wiring, `torch_xla_fixes.keyed_bridge_traces`), calls it, and reads
+  executable on the first call (the bridge needs real device inputs), calls it, and reads
   the graph's Python int and bool results back (once, after the whole graph ran). Under
   SPMD, the backward's gradients are laid out like their inputs (`GradientLayout`).
 - `ReportingCall`, around the whole compiled function when its graph has bounded or
@@ -24,7 +23,6 @@ from . import metrics
 from .errors import LoopLoweringError
 from .lowering.driver import LoweredGraph
 from .lowering.sharding import pinned, shardings_of
-from .passes.torch_xla_fixes import keyed_bridge_traces
 
 
 class GradientLayout:
@@ -86,8 +84,7 @@ class BridgeCall:
                     self.layout.pin_gradients(self.lowered.module)
             self.compiled = _extract_compiled_graph(self.lowered.module, args)
             self.input_shardings = _input_shardings(args)
-        with keyed_bridge_traces():  # (the bridge may trace again while called)
-            result = self.compiled(*args)
+        result = self.compiled(*args)
         if not self.lowered.scalar_outputs:
             return result
         return _scalars_at(result, self.lowered.scalar_outputs)
@@ -98,7 +95,7 @@ def _extract_compiled_graph(gm: torch.fx.GraphModule, args: Sequence[Any]) -> Ca
     from torch_xla._dynamo import dynamo_bridge
 
     try:
-        with _bridge_sharding_check_off(), keyed_bridge_traces():
+        with _bridge_sharding_check_off():
             # (on a copy: the bridge partitions the module it is given in place)
             fresh = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
             return dynamo_bridge.extract_compiled_graph(fresh, _spmd_trace_args(_private_scalars(args)))

@@ -14,10 +14,10 @@
       │  lowering driver     control-flow nodes -> lowering rules (one XLA While each)
       │  BEFORE_BRIDGE
       │    distinct_outputs  keeps the bridge from mixing up outputs (a torch_xla bug)
+      │    keyed_by_wiring   keeps torch_xla from running another graph's executable (a bug)
       ▼
-    torch_xla's bridge: one cached executable per graph (call.BridgeCall), each trace keyed
-    by the graph's wiring (torch_xla_fixes.keyed_bridge_traces, a torch_xla bug); around
-    the whole function, call.ReportingCall reads the loops' report once per call.
+    torch_xla's bridge: one cached executable per graph (call.BridgeCall); around the whole
+    function, call.ReportingCall reads the loops' report once per call.
 
 Ordering constraints:
 - `roll_layers` first: the scans it makes then meet every later pass as the user's own.
@@ -33,6 +33,8 @@ Ordering constraints:
   the driver stages as XLA computations.
 - `distinct_outputs` after the lowering driver, which finds the graph's int outputs by their
   nodes: it only wraps the outputs the bridge sees.
+- `keyed_by_wiring` last: its digest is of the graph as the bridge traces it, every rewrite
+  included.
 
 `compile` runs the pipeline; the backend (`backend.xla_loop`), `inspect.lowered_hlo` and the
 tests all go through it.
@@ -57,7 +59,7 @@ from .passes import reports, remat, roll_layers, torch_fixes, torch_xla_fixes, u
 BEFORE_AUTOGRAD = (roll_layers.PASS, unalias.PASS, while_loops.PASS, reports.PASS, remat.PASS)
 OP_FIXES = torch_fixes.OP_FIXES
 AFTER_AUTOGRAD = (torch_xla_fixes.PASS,)
-BEFORE_BRIDGE = (torch_xla_fixes.DISTINCT_OUTPUTS,)
+BEFORE_BRIDGE = (torch_xla_fixes.DISTINCT_OUTPUTS, torch_xla_fixes.KEYED_BY_WIRING)
 
 for _install in OP_FIXES:
     _install()

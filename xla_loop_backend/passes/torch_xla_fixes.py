@@ -18,20 +18,19 @@ ops that give wrong results, found by the differential fuzzer (tests/test_fuzz.p
   (pytorch/xla#8353). Two graphs that differ only in which input a later op reads (e.g.
   `sin(x) * y + x` and `sin(x) * y + y`, or a loop bounded by `n` and one bounded by `m`)
   share an executable: the second one silently runs the first (openxla does it too; the
-  gradient fuzzer found it). Inside `keyed_bridge_traces()` (call.py: xla_loop's bridge
-  compiles and calls), every graph the bridge traces passes its results through
-  `keyed_by_wiring`, which puts a digest of the traced graph's text (its nodes in order,
-  each naming its operands) into the hash, as the name of an identity computation around
-  one computed result (free: XLA inlines it). It hooks the bridge's tracing rather than
-  adding a node to the FX graph: the bridge splits a graph around ops it runs on the CPU,
-  and traces (and hashes) each part by itself.
+  gradient fuzzer found it). `KEYED_BY_WIRING` passes the graph's results through
+  `keyed_by_wiring`, which, while the bridge traces, puts a digest of the traced graph's
+  text (its nodes in order, each naming its operands) into the hash, as the name of an
+  identity computation around one computed result (free: XLA inlines it). Run last on the
+  graph the bridge gets. Not on a graph with a CPU tensor constant: the bridge splits such a
+  graph and traces each part alone, and the key node would form a part it cannot run (such
+  graphs go unkeyed).
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import hashlib
-from typing import Any, Iterator, Sequence
+import operator
+from typing import Any, Sequence
 
 import torch
 import torch.fx
@@ -144,27 +143,25 @@ DISTINCT_OUTPUTS = NodeRewrite(
 )
 
 
-def keyed_by_wiring(outputs: Sequence[Any], inputs: Sequence[Any] = ()) -> list[Any]:
+def keyed_by_wiring(outputs: Sequence[Any]) -> list[Any]:
     """The outputs, one computed XLA tensor among them passed through an identity
-    computation named by a digest of the traced graph: its outputs and its inputs (an input
-    updated in place shows its update). See the module docstring."""
+    computation named by a digest of the traced graph (see the module docstring)."""
     import torch_xla
     import torch_xla.core.xla_builder as xb
 
     from ..lowering.sharding import pinned, shardings_of
 
     out = list(outputs)
-    positions = [i for i, t in enumerate(out) if _is_xla(t)]
-    if not positions:
-        return out
+    positions = [i for i, t in enumerate(out) if isinstance(t, torch.Tensor) and t.device.type == "xla"]
     tensors = [out[i] for i in positions]
+    if not tensors:
+        return out
     computed = [i for i, pending in zip(positions, torch_xla._XLAC._check_tensor_need_materialization(tensors)) if pending]
     if not computed:  # (only inputs returned as they are: the hash sees each one's position)
         return out
     shardings = dict(zip(computed, shardings_of([out[i] for i in computed])))
     target = next((i for i in computed if shardings[i] is None), computed[0])
-    traced = [t for t in inputs if _is_xla(t)] + tensors
-    digest = hashlib.sha256(torch_xla._XLAC._get_xla_tensors_text(traced).encode()).hexdigest()[:32]
+    digest = hashlib.sha256(torch_xla._XLAC._get_xla_tensors_text(tensors).encode()).hexdigest()[:32]
     builder = xb.create_builder("xla_loop_key")
     identity = xb.mkparam(builder, 0, xb.tensor_shape(out[target])).build("xla_loop_key")
     (keyed,) = torch_xla._XLAC._xla_user_computation(f"xla_loop::graph_{digest}", [out[target]], identity)
@@ -172,49 +169,41 @@ def keyed_by_wiring(outputs: Sequence[Any], inputs: Sequence[Any] = ()) -> list[
     return out
 
 
-def _is_xla(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.device.type == "xla"
+def _key_by_wiring(graph: torch.fx.Graph) -> bool:
+    output = next(n for n in graph.nodes if n.op == "output")
+    outs = output.args[0]
+    if not isinstance(outs, (tuple, list)) or not any(isinstance(o, torch.fx.Node) for o in outs):
+        return False
+    if _bridge_splits(graph):
+        return False
+
+    new = list(outs)
+    with graph.inserting_before(output):
+        keyed = graph.call_function(keyed_by_wiring, (tuple(outs),))
+        for i, out in enumerate(outs):
+            if isinstance(out, torch.fx.Node):
+                new[i] = graph.call_function(operator.getitem, (keyed, i))
+                new[i].meta = dict(out.meta)
+    output.args = (type(outs)(new),)
+    return True
 
 
-_keying: contextvars.ContextVar[bool] = contextvars.ContextVar("xla_loop_keying", default=False)
+def _bridge_splits(graph: torch.fx.Graph) -> bool:
+    """Whether the bridge will split the graph around a CPU tensor constant in it (and trace
+    each part alone): the key node would form a part of its own, which the bridge cannot run.
+    Such graphs go unkeyed."""
+    module = graph.owning_module
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            value = getattr(module, node.target, None) if module is not None else None
+            if isinstance(value, torch.Tensor) and value.device.type != "xla":
+                return True
+    return False
 
 
-@contextlib.contextmanager
-def keyed_bridge_traces() -> Iterator[None]:
-    """While inside, every graph torch_xla's bridge traces (a whole graph, or each partition
-    of one it splits around ops it runs on the CPU) has its results passed through
-    `keyed_by_wiring`. Outside, the bridge is as torch_xla made it (openxla's graphs)."""
-    _install_keying()
-    token = _keying.set(True)
-    try:
-        yield
-    finally:
-        _keying.reset(token)
-
-
-def _install_keying() -> None:
-    from torch_xla._dynamo import dynamo_bridge
-
-    helper = dynamo_bridge.extract_graph_helper
-    if getattr(helper, "_xla_loop_keyed", False):
-        return
-
-    def extract_graph_helper(xla_model: torch.fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
-        if not _keying.get():
-            return helper(xla_model, *args, **kwargs)
-        forward = xla_model.forward
-
-        def keyed_forward(*inputs: Any) -> Any:
-            result = forward(*inputs)
-            single = not isinstance(result, (tuple, list))
-            keyed = keyed_by_wiring([result] if single else result, inputs)
-            return keyed[0] if single else type(result)(keyed)
-
-        xla_model.forward = keyed_forward
-        try:
-            return helper(xla_model, *args, **kwargs)
-        finally:
-            del xla_model.forward
-
-    extract_graph_helper._xla_loop_keyed = True  # type: ignore[attr-defined]
-    dynamo_bridge.extract_graph_helper = extract_graph_helper
+KEYED_BY_WIRING = NodeRewrite(
+    "keyed_by_wiring",
+    "keeps torch_xla from running another graph's executable (pytorch/xla#8353)",
+    (_key_by_wiring,),
+    subgraphs=False,
+)
