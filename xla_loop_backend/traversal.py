@@ -87,17 +87,17 @@ def graph_modules(gm: torch.fx.GraphModule) -> Iterator[torch.fx.GraphModule]:
             yield module
 
 
+def unknown_op_subgraphs(owner: torch.fx.GraphModule, node: torch.fx.Node) -> list[torch.fx.GraphModule]:
+    """The subgraphs a higher-order op not described in `ops.py` takes (positional or by
+    keyword); empty for any other node."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator) or is_control_flow(node):
+        return []
+    values = [v for v in list(node.args) + list(node.kwargs.values()) if isinstance(v, torch.fx.Node) and v.op == "get_attr"]
+    return [sub for sub in (getattr(owner, v.target, None) for v in values) if isinstance(sub, torch.fx.GraphModule)]
+
+
 def _is_unknown_op_holding_loops(owner: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
-        return False
-    for arg in node.args:
-        if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
-            sub = getattr(owner, arg.target, None)
-            if isinstance(sub, torch.fx.GraphModule) and any(
-                is_control_flow(n) for m in graph_modules(sub) for n in m.graph.nodes
-            ):
-                return True
-    return False
+    return any(is_control_flow(n) for sub in unknown_op_subgraphs(owner, node) for m in graph_modules(sub) for n in m.graph.nodes)
 
 
 Rule = Callable[[Site, Any], None]

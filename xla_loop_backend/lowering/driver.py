@@ -26,8 +26,8 @@ import torch.utils._pytree as pytree
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from ..errors import LoopLoweringError, loop_name
-from ..ops import KINDS, Call, is_control_flow, spec_of
-from ..traversal import GraphPass, Site, graph_modules
+from ..ops import KINDS, Call, is_control_flow
+from ..traversal import GraphPass, Site, graph_modules, op_name, unknown_op_subgraphs
 from . import lower_control_flow, rule_for
 from .subgraph import TensorScalarCall, is_symbolic_scalar
 
@@ -79,30 +79,21 @@ def _check_no_unknown_subgraph_calls(gm: torch.fx.GraphModule) -> None:
     torch_xla's bridge (which takes tensors and numbers only, and fails with an assertion)."""
     for module in graph_modules(gm):
         for node in module.graph.nodes:
-            if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+            if not unknown_op_subgraphs(module, node):
                 continue
-            if is_control_flow(node):
-                continue
-            values = pytree.tree_leaves((node.args, node.kwargs))
-            if not any(isinstance(v, torch.fx.Node) and v.op == "get_attr" and isinstance(getattr(module, v.target, None), torch.fx.GraphModule) for v in values):
-                continue
-            wrapped = next((v for v in values if spec_of(v) is not None), None)
+            wraps_invoke_subgraph = node.args[:1] == (torch.ops.higher_order.invoke_subgraph,)
             hint = (
                 " Here it wraps invoke_subgraph: a function marked with "
                 "torch.compiler.nested_compile_region updates one of its inputs in place (e.g. a "
                 "BatchNorm's running statistics in training mode). Keep that update out of the "
                 "marked function, or drop the marker."
-                if wrapped is _invoke_subgraph
+                if wraps_invoke_subgraph
                 else ""
             )
             raise LoopLoweringError(
-                f"{loop_name(str(getattr(node.target, '__name__', node.target)), node)}: "
-                f"`torch.ops.higher_order.{node.target.__name__}` calls a subgraph, and xla_loop has no "
-                "lowering for it (torch_xla's bridge cannot take a subgraph argument)." + hint
+                f"{loop_name(node.target.__name__, node)}: `{op_name(node.target)}` calls a subgraph, and "
+                "xla_loop has no lowering for it (torch_xla's bridge cannot take a subgraph argument)." + hint
             )
-
-
-_invoke_subgraph = torch.ops.higher_order.invoke_subgraph
 
 
 def lower_loops(gm: torch.fx.GraphModule) -> LoweredGraph:
