@@ -6,8 +6,10 @@ and JAX on five loop workloads; writes a markdown table, JSON and PNG plots.
     ./dev bench --systems xla_loop,jax --workloads B --trips 10,100 --cap-seconds 30
 
 Then train_while.py: training through a data-dependent while_loop against its trip count
-(--skip-training-while to leave it out), and spmd_collectives.py: the collectives in each
-sharded loop's While body on 4 virtual devices (--skip-spmd).
+(--skip-training-while to leave it out), spmd_collectives.py: the collectives in each
+sharded loop's While body on 4 virtual devices (--skip-spmd), and roll_layers.py: first call
+and training step against depth for repeated layers, rolled into one scan or not, and
+openxla (--skip-roll-layers).
 
 Every (system, workload, trip count) runs in its own process (cold first call, its own
 peak RSS), pinned to one CPU (see --cpus), killed at --cap-seconds. Trip counts run in
@@ -240,6 +242,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--skip-training-while", action="store_true", help="skip train_while.py (training through a while_loop)")
     p.add_argument("--skip-spmd", action="store_true", help="skip spmd_collectives.py (collectives per While body under SPMD)")
+    p.add_argument("--skip-roll-layers", action="store_true", help="skip roll_layers.py (repeated layers against depth)")
     a = p.parse_args()
 
     cfg = dict(QUICK if a.quick else FULL)
@@ -293,6 +296,8 @@ def main() -> None:
         subprocess.run([sys.executable, str(HERE / "train_while.py"), *(["--quick"] if a.quick else []), "--out", str(a.out)], check=True)
     if not a.skip_spmd:
         subprocess.run([sys.executable, str(HERE / "spmd_collectives.py"), "--out", str(a.out)], check=True)
+    if not a.skip_roll_layers:
+        subprocess.run([sys.executable, str(HERE / "roll_layers.py"), *(["--quick"] if a.quick else []), "--out", str(a.out)], check=True)
 
 
 if __name__ == "__main__":

@@ -101,3 +101,32 @@ def test_spmd_collectives_table_names_each_while_body():
     assert spmd_collectives.bodies({"collectives": [["all-reduce"]]}) == [("", ["all-reduce"])]
     assert spmd_collectives.describe(["all-gather", "all-reduce", "all-gather"]) == "2 all-gather, 1 all-reduce"
     assert spmd_collectives.describe([]) == "none"
+
+
+def test_roll_layers_worker_reports_the_first_call_by_stage():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "roll_layers.py"), "--worker", "first", "unmarked", "3", "2"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PJRT_DEVICE": "CPU"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["system"] == "unmarked" and record["depth"] == 3
+    assert 0 < record["dynamo_s"] < record["first_s"] and 0 < record["xla_compile_s"] < record["first_s"]
+    assert record["step_ms"] > 0
+
+
+def test_roll_layers_report_judges_the_median_of_paired_rounds():
+    sys.path.insert(0, str(BENCHMARKS))
+    import roll_layers
+
+    row = {"system": "marked", "depth": 4, "first_s": 1.0, "dynamo_s": 0.1, "aot_s": 0.2, "xla_compile_s": 0.5, "step_ms": 1.0}
+    steady = {"depth": 48, "rounds": {
+        "marked": {"train": [0.010, 0.030, 0.010], "infer": [0.002, 0.002, 0.002]},
+        "unrolled": {"train": [0.010, 0.010, 0.010], "infer": [0.001, 0.001, 0.001]},
+    }}
+    results = {"table": [row], "first_call_ratios": {"marked": [1.4, 3.0, 1.2], "unmarked": [2.5, 2.6, 1.0]}, "steady": steady, "seconds": 1.0}
+    text = roll_layers.report(results)
+    assert "first call at 48 layers / at 4 1.40x" in text and "goal at most 1.5x: met" in text
+    assert "first call at 48 layers / at 4 2.50x" in text and "goal at most 2.0x: NOT met" in text
+    assert "training step at 48 layers / unrolled 1.00x" in text
+    assert "| marked | 4 | 1.00 s | 0.10 s | 0.20 s | 0.50 s | 1.0 ms |" in text

@@ -101,6 +101,28 @@ REGRESSIONS = {
         trip_counts=((0, 1), (2, 3)),
         remat=2,
     ),
+    # Repeated layers whose first one reads x twice (as h and as x): torch 2.9's graph
+    # deduplication made one subgraph for regions wired differently, and the second layer
+    # computed 0.1 * h for 0.1 * x (a wrong loss, silently; torch's eager backend too).
+    # Fixed: torch_fixes.install_dedup_fix groups regions by wiring.
+    "repeated layers wired differently": TrainingProgram(
+        source=(
+            'class Program(torch.nn.Module):\n'
+            '    def __init__(self):\n'
+            '        super().__init__()\n'
+            '        self.p0 = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))\n'
+            '        self.p1 = torch.nn.Linear(4, 1)\n'
+            '\n'
+            '    def forward(self, n, m, x, xs):\n'
+            '        dev = x.device\n'
+            '        h1 = x\n'
+            '        for layer in self.p0:\n'
+            '            h1 = torch.tanh(layer(h1) + 0.1 * x) + 0.5 * h1\n'
+            '        return self.p1(h1).pow(2).mean() + h1.pow(2).mean()\n'
+        ),
+        seed=0,
+        trip_counts=((0, 1), (0, 1)),
+    ),
 }
 
 

@@ -166,3 +166,44 @@ def test_a_layer_that_updates_its_inputs_keeps_the_calls():
     with torch.no_grad():
         gm = _rolled(NormBlocks(), torch.randn(4, 8))
     assert not _calls(gm, _scan) and len(_calls(gm, _invoke)) == 3
+
+
+class Unmarked(torch.nn.Module):
+    """Repeated blocks with no marker: Dynamo's graph deduplication finds them."""
+
+    def __init__(self, depth: int = 5) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(depth))
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(8) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for norm, layer in zip(self.norms, self.layers):
+            x = x + torch.tanh(layer(norm(x)))
+        return x.pow(2).mean()
+
+
+def _rolled_by(compile_model, model, x):
+    from xla_loop_backend import metrics
+
+    before = metrics.counter_value(metrics.LAYERS_ROLLED)
+    compile_model(model)(x).backward()
+    return metrics.counter_value(metrics.LAYERS_ROLLED) - before
+
+
+def test_repeated_layers_with_no_marker_roll_under_the_decorator():
+    torch.manual_seed(4)
+    gen = torch.Generator().manual_seed(4)
+    _train_against_eager(Unmarked(depth=5), [torch.randn(3, 8, generator=gen) for _ in range(2)])
+    x = torch.randn(3, 8, device=xla_device())
+    torch._dynamo.reset()
+    assert _rolled_by(lambda m: xla_loop_backend.compile(m, fullgraph=True), Unmarked(5).to(xla_device()), x) == 4
+    assert torch._dynamo.config.use_graph_deduplication is False  # (set only during the calls)
+
+
+def test_no_marker_no_roll_with_roll_layers_off_or_under_plain_torch_compile():
+    x = torch.randn(3, 8, device=xla_device())
+    torch._dynamo.reset()
+    off = _rolled_by(lambda m: xla_loop_backend.compile(m, fullgraph=True, roll_layers=False), Unmarked(5).to(xla_device()), x)
+    torch._dynamo.reset()
+    plain = _rolled_by(lambda m: torch.compile(m, backend="xla_loop", fullgraph=True), Unmarked(5).to(xla_device()), x)
+    assert (off, plain) == (0, 0)

@@ -173,3 +173,83 @@ def test_torch_scan_backward_still_fails_on_an_integer_y():
     with torch_create_bw_fn(), pytest.raises(AssertionError):
         carry, _ = _scan_with_an_integer_y(w, torch.ones(2), torch.ones(3, 2))
         carry.sum().backward()
+
+
+def _deduplicated_graph_of_marked_layers():
+    from test_pass_roll_layers import Stack
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(use_graph_deduplication=True):
+        torch.compile(Stack(depth=4, per_layer=True), backend=keep, fullgraph=True)(torch.randn(3, 8))
+    return graphs[0]
+
+
+def test_graph_deduplication_leaves_marked_calls_alone():
+    gm = _deduplicated_graph_of_marked_layers()
+    invoke = torch.ops.higher_order.invoke_subgraph
+    calls = [n for n in gm.graph.nodes if n.target is invoke]
+    assert len(calls) == 4 and len({n.args[0].target for n in calls}) <= 2  # (the marked calls, not wrapped again)
+
+
+def test_torch_graph_deduplication_still_fails_on_marked_calls():
+    # When this fails, Dynamo's deduplication takes graphs with marked calls: install_dedup_fix can go.
+    from torch._dynamo.graph_region_tracker import GraphRegionTracker
+
+    fixed = GraphRegionTracker.track_node
+    GraphRegionTracker.track_node = fixed.__wrapped__
+    try:
+        with pytest.raises(Exception, match="example_value"):
+            _deduplicated_graph_of_marked_layers()
+    finally:
+        GraphRegionTracker.track_node = fixed
+
+
+class _WiredDifferently(torch.nn.Module):
+    """The first layer reads x as both h and x; the others read two values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for layer in self.layers:
+            h = torch.tanh(layer(h) + 0.1 * x) + 0.5 * h
+        return h
+
+
+def _deduplicated_on_cpu(model, x):
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._dynamo.config.patch(use_graph_deduplication=True):
+        return torch.compile(model, backend="eager", fullgraph=True)(x)
+
+
+def test_graph_deduplication_groups_regions_by_wiring():
+    torch.manual_seed(5)
+    model, x = _WiredDifferently(), torch.randn(2, 4)
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(_deduplicated_on_cpu(model, x), expected)
+
+
+def test_torch_graph_deduplication_still_mixes_up_regions_wired_differently():
+    # When this fails, Dynamo groups regions by wiring itself: the wiring split can go.
+    from torch._dynamo.graph_region_tracker import GraphRegionTracker
+
+    torch.manual_seed(5)
+    model, x = _WiredDifferently(), torch.randn(2, 4)
+    with torch.no_grad():
+        expected = model(x)
+    fixed = GraphRegionTracker.get_identical_regions
+    GraphRegionTracker.get_identical_regions = fixed.__wrapped__
+    try:
+        got = _deduplicated_on_cpu(model, x)
+    finally:
+        GraphRegionTracker.get_identical_regions = fixed
+    assert not torch.allclose(got, expected, atol=1e-3), "Dynamo's deduplication is right now: _by_wiring can go"

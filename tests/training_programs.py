@@ -11,7 +11,10 @@ A program is the source of a module, ``class Program(torch.nn.Module)``, whose f
 - scan over the sequence input xs or over a stack of the current state, with ys that
   enter the loss, and scan whose carry starts without grad;
 - map over xs;
-- cond on a trip count or an input, its branches running pieces and loops.
+- cond on a trip count or an input, its branches running pieces and loops;
+- repeated layers: a Python for loop over a ModuleList of 2-4 identical Linear layers,
+  each reading the previous one's output and the step input (at top level, Dynamo's graph
+  deduplication and xla_loop's `roll_layers` make such a chain one scan).
 
 Loop bodies read their carries, the parameters, the inputs x and xs, the trip counts
 and the carries of the loops around them. Values stay bounded (tanh, LayerNorm). The
@@ -129,13 +132,20 @@ class _Writer:
         map refuses a body that reads the tensor it maps over (its slices alias it)."""
         loops = ["while", "while_acc", "fori_tensor", "fori_static", "scan", "scan_stack", "scan_acc", "map", "cond"]
         # Loops are likelier near the top, so programs nest 1-3 deep but stay small.
-        kinds = ["piece"] * (2 + 2 * depth) + (loops if depth < MAX_DEPTH else [])
+        kinds = ["piece"] * (2 + 2 * depth) + ["layers"] + (loops if depth < MAX_DEPTH else [])
         if depth == 0:
-            kinds = loops
+            kinds = [*loops, "layers"]
         kind = self.pick(kinds)
         out = self.fresh("h")
         if kind == "piece":
             lines.append(f"{indent}{out} = {self.piece(h, e, scope)}")
+            return out
+        if kind == "layers":
+            count = self.draw(st.integers(2, 4))
+            layers = self.param(f"torch.nn.ModuleList(torch.nn.Linear({DIM}, {DIM}) for _ in range({count}))")
+            lines.append(f"{indent}{out} = {h}")
+            lines.append(f"{indent}for layer in self.{layers}:")
+            lines.append(f"{indent}    {out} = torch.tanh(layer({out}) + 0.1 * {e or 'x'}) + 0.5 * {out}")
             return out
         body = self.fresh("body")
         trips = self.pick(["n", "m"])

@@ -78,9 +78,34 @@ def compile(  # noqa: A001 - mirrors torch.compile
     compiled = torch.compile(fn, backend=xla_loop, fullgraph=fullgraph, dynamic=dynamic, **options)
     if isinstance(fn, torch.nn.Module):
         # torch's compiled module; its forward is the compiled call, so unwrap errors there.
-        compiled.forward = raising_loop_errors(compiled.forward)
+        compiled.forward = _finding_repeated_layers(raising_loop_errors(compiled.forward), roll_layers)
         return compiled
-    return functools.wraps(fn)(raising_loop_errors(compiled))  # type: ignore[return-value]
+    return functools.wraps(fn)(_finding_repeated_layers(raising_loop_errors(compiled), roll_layers))  # type: ignore[return-value]
+
+
+def _finding_repeated_layers(call: Callable[..., Any], roll_layers: bool) -> Callable[..., Any]:
+    """With `roll_layers` (the default), `call` runs with Dynamo's graph deduplication on, so
+    repeated layers with no marker reach the pipeline as calls of one subgraph, which
+    `passes/roll_layers.py` rolls into one scan. Dynamo reads its config while it traces,
+    which happens inside a call; set and restored around each (about 2 us) rather than
+    with `config.patch` (10 us), and only for these calls: `torch.compile(backend="xla_loop")`
+    leaves Dynamo's default, and rolls the chains marked with nested_compile_region."""
+    if not roll_layers:
+        return call
+    config = torch._dynamo.config
+
+    @functools.wraps(call)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # (traced into by an outer compile: its config rules)
+            return call(*args, **kwargs)
+        saved = config.use_graph_deduplication
+        config.use_graph_deduplication = True
+        try:
+            return call(*args, **kwargs)
+        finally:
+            config.use_graph_deduplication = saved
+
+    return run
 
 
 __all__ = ["OPTIONS", "compile", "compile_graph", "xla_loop"]

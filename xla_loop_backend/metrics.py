@@ -1,6 +1,6 @@
 """xla_loop's own counters: loops lowered, subgraphs traced, host-loop fallbacks,
-recompiles to grow the stack of trained while_loops, and (SPMD) traces again because an
-input's sharding changed.
+recompiles to grow the stack of trained while_loops, (SPMD) traces again because an
+input's sharding changed, and layers rolled into a scan (one per call of a rolled chain).
 
 They live here rather than in torch_xla's counter registry because torch_xla's dynamo
 bridge clears that registry while it partitions a graph (`metrics.clear_counters()` per
@@ -16,6 +16,7 @@ SUBGRAPHS_TRACED = "subgraphs_traced"
 HOST_LOOP_FALLBACKS = "host_loop_fallbacks"
 CAPACITY_GROWTHS = "capacity_growths"
 SHARDING_RETRACES = "sharding_retraces"
+LAYERS_ROLLED = "layers_rolled"
 
 _counters: Counter[str] = Counter()
 

@@ -21,7 +21,7 @@ OPTIONS = {
     "max_iterations": "bound on the trip count of every while_loop (int); a loop still running after it makes the call raise",
     "capacity": f"iterations a trained while_loop stores before its stack grows (int, default {DEFAULT_CAPACITY}; grown on demand)",
     "remat": "training: recompute loop steps in the backward, storing carries every k steps (True: k=sqrt(length), or k)",
-    "roll_layers": "chains of calls of one nested_compile_region subgraph run as one scan over the stacked layers (default True)",
+    "roll_layers": "chains of calls of one subgraph (nested_compile_region; under xla_loop_backend.compile also repeated layers with no marker) run as one scan over the stacked layers (default True)",
 }
 
 

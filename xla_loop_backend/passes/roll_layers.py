@@ -2,8 +2,11 @@
 
 `for layer in self.layers: x = layer(x)` unrolls under Dynamo: XLA compiles every layer,
 forward and backward, so compile time grows with depth. A layer marked with
-`torch.compiler.nested_compile_region` (or repeated code that Dynamo's graph deduplication
-finds) reaches the backend as calls of one subgraph, `invoke_subgraph(subgraph, id, *ops)`.
+`torch.compiler.nested_compile_region`, or repeated code that Dynamo's graph deduplication
+finds (on during calls of `xla_loop_backend.compile`, see `backend.py`), reaches the
+backend as calls of one subgraph, `invoke_subgraph(subgraph, id, *ops)`. (Deduplication
+leaves the first occurrence in line and calls the subgraph for the others: a chain of
+depth - 1 calls.)
 A chain of such calls, each feeding one output to the next call's same operand,
 
     x1 = layer(x0, w0, b0);  x2 = layer(x1, w1, b1);  ...
@@ -38,6 +41,7 @@ import torch
 import torch.fx
 from torch._higher_order_ops.scan import scan_op
 
+from .. import metrics
 from ..ops import example_value
 from ..options import PassContext
 from ..traversal import GraphPass, unchanged
@@ -63,6 +67,7 @@ def _layers(gm: torch.fx.GraphModule) -> list[_Layer]:
         if node.op != "call_function" or node.target is not _invoke_subgraph:
             continue
         layer = _Layer(node, getattr(gm, node.args[0].target))
+        _describe_placeholders(layer)
         for user in node.users:
             if user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], int):
                 layer.outputs.setdefault(user.args[1], []).append(user)
@@ -73,6 +78,15 @@ def _layers(gm: torch.fx.GraphModule) -> list[_Layer]:
         if layer.node is not None:
             layers.append(layer)
     return layers
+
+
+def _describe_placeholders(layer: _Layer) -> None:
+    """Give the subgraph's inputs the call's operand values where they have none: Dynamo's
+    graph deduplication makes subgraphs whose placeholders carry no example value (a marked
+    function's have them). Every call of one subgraph passes operands of the same shapes."""
+    for placeholder, operand in zip(layer.subgraph.graph.find_nodes(op="placeholder"), layer.operands):
+        if example_value(placeholder) is None and isinstance(operand, torch.fx.Node):
+            placeholder.meta["example_value"] = example_value(operand)
 
 
 def structure(gm: torch.fx.GraphModule) -> tuple:
@@ -146,6 +160,7 @@ def roll_chains(gm: torch.fx.GraphModule, context: PassContext) -> None:
         plan = _Plan.of(gm, chain, out, operand)
         if plan is not None:
             plan.apply()
+            metrics.increment(metrics.LAYERS_ROLLED, len(chain))
 
 
 @dataclass

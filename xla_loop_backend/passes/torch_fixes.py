@@ -22,12 +22,34 @@ as the body of another scan, map or cond, and two things go wrong in torch 2.9:
   count, a token id) failed to train ("AssertionError", eagerly too). The VJP now drops
   the gradients of non-floating outputs.
 
-Both are installed once, at import (`OP_FIXES`); tests check that torch still needs them.
+Dynamo's graph deduplication (which `xla_loop_backend.compile` turns on, so that repeated
+layers with no marker roll into a scan) fails on a graph that also has calls of a marked
+function (`nested_compile_region`) or of a loop or cond: its region tracker puts the call's
+subgraph node, which has no example value, into a region, and the pass dies on it
+(KeyError: 'example_value', in `_has_aliasing` and `_is_tuple_node`). The tracker now
+leaves out every call of a subgraph and its outputs (`install_dedup_fix`): a marked call is
+already a call of one subgraph, and a loop is not a layer to roll.
+
+The same pass silently computes wrong results (found by the gradient fuzzer): it takes
+regions of identical nodes as one group even when they are wired differently, as in
+
+    h = x
+    for layer in self.layers:  h = torch.tanh(layer(h) + 0.1 * x) + 0.5 * h
+
+whose first region reads one input (`x`) where the others read two (`h`, `x`). The
+subgraph is made from the first region and every call passes it the others' operands by
+the first one's wiring: the second layer computed `0.1 * h` (with torch's eager backend
+too). The fix splits each group by wiring, each operand of each node named by where it
+comes from (a node of the region, by position, or one input shared by the same uses),
+and keeps the parts of two or more regions (`_by_wiring`).
+
+All are installed once, at import (`OP_FIXES`); tests check that torch still needs them.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -120,4 +142,69 @@ def install_vjp_fixes() -> None:
 
 
 # Op-level fixes, in the order they are installed (pipeline.py lists them with the passes).
-OP_FIXES = (install_scan_autograd_fix, install_vjp_fixes)
+def _subgraph_call_part(node: torch.fx.Node) -> bool:
+    """A node of a call of a subgraph (a marked function, a loop, a cond): the subgraph,
+    the call, or an output of it."""
+    import operator
+
+    def calls_subgraph(n: Any) -> bool:
+        return isinstance(n, torch.fx.Node) and isinstance(n.target, torch._ops.HigherOrderOperator)
+
+    if node.op == "get_attr" or calls_subgraph(node):
+        return True
+    return node.target is operator.getitem and calls_subgraph(node.args[0])
+
+
+def wiring(region: list[torch.fx.Node]) -> frozenset:
+    """How a region's nodes read their operands: (node, operand) positions grouped by the
+    value they read, each value a node of the region (by position) or an input."""
+    from torch._dynamo.graph_deduplication import _get_flat_args
+
+    position = {node: i for i, node in enumerate(region)}
+    inputs: dict[torch.fx.Node, list[tuple[int, int]]] = {}
+    inside = set()
+    for i, node in enumerate(region):
+        for j, operand in enumerate(_get_flat_args(node, {})):
+            if not isinstance(operand, torch.fx.Node):
+                continue
+            if operand in position:
+                inside.add((i, j, position[operand]))
+            else:
+                inputs.setdefault(operand, []).append((i, j))
+    return frozenset(inside) | frozenset(frozenset(uses) for uses in inputs.values())
+
+
+def _by_wiring(group: list[list[torch.fx.Node]]) -> list[list[list[torch.fx.Node]]]:
+    parts: dict[frozenset, list[list[torch.fx.Node]]] = {}
+    for region in group:
+        parts.setdefault(wiring(region), []).append(region)
+    return [part for part in parts.values() if len(part) > 1]
+
+
+def install_dedup_fix() -> None:
+    from torch._dynamo.graph_region_tracker import GraphRegionTracker
+
+    track_node = GraphRegionTracker.track_node
+    if getattr(track_node, _FIXED_ATTRIBUTE, False):
+        return
+
+    @functools.wraps(track_node)
+    def track_unmarked_node(self: Any, tx: Any, node: torch.fx.Node) -> None:
+        if not _subgraph_call_part(node):
+            track_node(self, tx, node)
+
+    setattr(track_unmarked_node, _FIXED_ATTRIBUTE, True)
+    GraphRegionTracker.track_node = track_unmarked_node
+    get_identical_regions = GraphRegionTracker.get_identical_regions
+
+    @functools.wraps(get_identical_regions)
+    def identical_regions_wired_alike(self: Any, graph: torch.fx.Graph) -> list[list[Any]]:
+        return [part for group in get_identical_regions(self, graph) for part in _by_wiring(group)]
+
+    setattr(identical_regions_wired_alike, _FIXED_ATTRIBUTE, True)
+    GraphRegionTracker.get_identical_regions = identical_regions_wired_alike
+    # (the tracker reads the TF32 flag through an API torch 2.9 deprecates: not the user's doing)
+    warnings.filterwarnings("ignore", message="Please use the new API settings to control TF32", category=UserWarning)
+
+
+OP_FIXES = (install_scan_autograd_fix, install_vjp_fixes, install_dedup_fix)
