@@ -119,7 +119,8 @@ def test_roll_layers_report_judges_the_median_of_paired_rounds():
     sys.path.insert(0, str(BENCHMARKS))
     import roll_layers
 
-    row = {"system": "marked", "depth": 4, "first_s": 1.0, "dynamo_s": 0.1, "aot_s": 0.2, "xla_compile_s": 0.5, "step_ms": 1.0}
+    row = {"system": "marked", "depth": 4, "first_s": 1.0, "dynamo_s": 0.1, "aot_s": 0.2, "xla_compile_s": 0.5, "step_ms": 1.0,
+           "peak_rss_mb": 900.0}
     steady = {"depth": 48, "rounds": {
         "marked": {"train": [0.010, 0.030, 0.010], "infer": [0.002, 0.002, 0.002]},
         "unrolled": {"train": [0.010, 0.010, 0.010], "infer": [0.001, 0.001, 0.001]},
@@ -129,4 +130,4 @@ def test_roll_layers_report_judges_the_median_of_paired_rounds():
     assert "first call at 48 layers / at 4 1.40x" in text and "goal at most 1.5x: met" in text
     assert "first call at 48 layers / at 4 2.50x" in text and "goal at most 2.0x: NOT met" in text
     assert "training step at 48 layers / unrolled 1.00x" in text
-    assert "| marked | 4 | 1.00 s | 0.10 s | 0.20 s | 0.50 s | 1.0 ms |" in text
+    assert "| marked | 4 | 1.00 s | 0.10 s | 0.20 s | 0.50 s | 1.0 ms | 900 MB |" in text

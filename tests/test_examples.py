@@ -86,3 +86,16 @@ def test_fsdp_example_trains_like_eager_with_sharded_gradients():
         assert abs(ours - eager) < 1e-5, line
     assert "sharding {devices=[4,1]0,1,2,3}, its gradient {devices=[4,1]0,1,2,3}" in result.stdout
     assert "While body 1 of the compiled programs" in result.stdout
+
+
+def test_transformer_example_rolls_its_layers_and_trains_like_eager():
+    # (8 layers and no openxla run, to keep the suite short; the README shows 24 against openxla)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "transformer.py"), "--layers", "8", "--skip-openxla"],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "PJRT_DEVICE": "CPU"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "  xla_loop rolled 8 of 8 layers into one scan" in lines, result.stdout
+    assert any(line.startswith("  first step: all ") and "parameter gradients match eager CPU" in line for line in lines)
+    assert len([line for line in lines if line.startswith("  step ") and "(matches)" in line]) == 6, result.stdout

@@ -207,3 +207,50 @@ def test_no_marker_no_roll_with_roll_layers_off_or_under_plain_torch_compile():
     torch._dynamo.reset()
     plain = _rolled_by(lambda m: torch.compile(m, backend="xla_loop", fullgraph=True), Unmarked(5).to(xla_device()), x)
     assert (off, plain) == (0, 0)
+
+
+def test_inference_takes_the_stacked_weights_as_inputs():
+    with torch.no_grad():
+        gm, example_inputs = _dynamo_graph(Stack(depth=4), torch.randn(2, 8))
+        context = PassContext.for_graph(Options.parse({}), example_inputs)
+        ROLL_LAYERS.run(gm, context)
+    assert not _calls(gm, torch.stack)
+    # the norm's weight and bias, the Linear's weight and bias: one input each, the stack of 4
+    assert [len(group) for group in context.stacked_inputs] == [4, 4, 4, 4]
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    assert [n.meta["example_value"].shape[0] for n in placeholders[-4:]] == [4, 4, 4, 4]
+
+
+def test_inference_stacks_the_weights_once_while_they_stay_the_same():
+    from xla_loop_backend import metrics
+
+    torch.manual_seed(6)
+    reference = Stack(depth=5)
+    model = copy.deepcopy(reference).to(xla_device())
+    compiled = torch.compile(model, backend="xla_loop", fullgraph=True)
+    x = torch.randn(3, 8)
+    x_dev = x.to(xla_device())
+
+    def check() -> None:
+        torch.testing.assert_close(compiled(x_dev).cpu(), reference(x), rtol=1e-4, atol=1e-4)
+
+    with torch.no_grad():
+        check()
+        stackings = metrics.counter_value(metrics.LAYER_STACKINGS)
+        torch_xla.sync()
+        with MetricsDelta() as delta:
+            compiled(x_dev)
+            torch_xla.sync()
+        assert (delta.compiles, delta.executions) == (0, 1)  # the layers' call only: no stacking
+        assert metrics.counter_value(metrics.LAYER_STACKINGS) == stackings
+        for ours, theirs in zip(model.parameters(), reference.parameters()):  # an in-place update
+            ours.mul_(0.9)
+            theirs.mul_(0.9)
+        check()
+        model.blocks[2].fc.weight.data = torch.ones(8, 8, device=xla_device())  # a new tensor
+        reference.blocks[2].fc.weight.data = torch.ones(8, 8)
+        check()
+        model.load_state_dict(Stack(depth=5).state_dict())
+        reference.load_state_dict(model.state_dict())
+        check()
+    assert metrics.counter_value(metrics.LAYER_STACKINGS) == stackings + 3

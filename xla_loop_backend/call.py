@@ -63,6 +63,48 @@ def _pin_to(sharding: Any, index: int) -> Callable[[torch.Tensor], torch.Tensor]
     return pin_gradient
 
 
+class StackedOnce:
+    """Inference with rolled layers: the stacked weights are inputs of the graph
+    (`passes/roll_layers.py`), stacked here on the first call and kept while the layers'
+    parameters stay the same, so a call copies no weights. A parameter counts as the same
+    while its XLA tensor is (an in-place update, `copy_`, `load_state_dict` or assigning
+    `.data` gives it a new one) and its version counter has not moved. The stacks are
+    computed on the device as a graph of their own (compiled once per set of shapes)."""
+
+    def __init__(self, compiled: Callable[..., Any], groups: list[tuple[int, ...]]):
+        self.compiled, self.groups = compiled, groups
+        self.key: tuple[Any, ...] | None = None
+        self.stacks: list[torch.Tensor] = []
+
+    def __call__(self, *args: Any) -> Any:
+        key = _identity(args, self.groups)
+        if key != self.key:
+            self.stacks = stacked_inputs(args, self.groups)
+            self.key = key
+            metrics.increment(metrics.LAYER_STACKINGS)
+        return self.compiled(*args, *self.stacks)
+
+
+def stacked_inputs(args: Sequence[Any], groups: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """The stack of each group of `args`, computed on the device now."""
+    import torch_xla
+
+    stacks = [torch.stack([args[i] for i in group]) for group in groups]
+    xla = [t for t in stacks if t.device.type == "xla"]
+    if xla:
+        torch_xla._XLAC._xla_sync_multi(xla, devices=[], wait=False)
+    return stacks
+
+
+def _identity(args: Sequence[Any], groups: list[tuple[int, ...]]) -> tuple[Any, ...]:
+    import torch_xla
+
+    tensor_id = torch_xla._XLAC._xla_get_tensor_id
+    return tuple(
+        (tensor_id(t) if t.device.type == "xla" else id(t), t._version) for group in groups for t in (args[i] for i in group)
+    )
+
+
 class BridgeCall:
     """Calls a lowered graph through torch_xla's bridge (see the module docstring)."""
 

@@ -1,6 +1,7 @@
 """xla_loop's own counters: loops lowered, subgraphs traced, host-loop fallbacks,
 recompiles to grow the stack of trained while_loops, (SPMD) traces again because an
-input's sharding changed, and layers rolled into a scan (one per call of a rolled chain).
+input's sharding changed, layers rolled into a scan (one per call of a rolled chain), and
+(inference) stackings of rolled layers' weights, made again only when a weight changed.
 
 They live here rather than in torch_xla's counter registry because torch_xla's dynamo
 bridge clears that registry while it partitions a graph (`metrics.clear_counters()` per
@@ -17,6 +18,7 @@ HOST_LOOP_FALLBACKS = "host_loop_fallbacks"
 CAPACITY_GROWTHS = "capacity_growths"
 SHARDING_RETRACES = "sharding_retraces"
 LAYERS_ROLLED = "layers_rolled"
+LAYER_STACKINGS = "layer_stackings"
 
 _counters: Counter[str] = Counter()
 

@@ -65,6 +65,9 @@ class PassContext:
     reporting_loops: list[str] = field(default_factory=list)
     trains_loops: bool = False  # some reporting loop may be trained: its trip count sizes the stack
     reports: bool = False  # the graph returns one more output, the report
+    # (inference) graph inputs the passes added, each the stack of these Dynamo inputs
+    # (positions), made at call time and kept while they do not change (call.StackedOnce)
+    stacked_inputs: list[tuple[int, ...]] = field(default_factory=list)
 
     @classmethod
     def for_graph(cls, options: Options, example_inputs: Any) -> "PassContext":

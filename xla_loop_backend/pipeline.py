@@ -17,7 +17,8 @@
       │    keyed_by_wiring   keeps torch_xla from running another graph's executable (a bug)
       ▼
     torch_xla's bridge: one cached executable per graph (call.BridgeCall); around the whole
-    function, call.ReportingCall reads the loops' report once per call.
+    function, call.ReportingCall reads the loops' report once per call, and (inference)
+    call.StackedOnce passes rolled layers' weights stacked once.
 
 Ordering constraints:
 - `roll_layers` first: the scans it makes then meet every later pass as the user's own.
@@ -41,6 +42,7 @@ tests all go through it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from typing import Any, Callable, Sequence
@@ -49,7 +51,7 @@ import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-from .call import BridgeCall, GradientLayout, ReportingCall
+from .call import BridgeCall, GradientLayout, ReportingCall, StackedOnce
 from .errors import LoopLoweringError
 from .fallback import warn_host_loop
 from .lowering.driver import lower_loops
@@ -81,9 +83,13 @@ def compile(  # noqa: A001 - the pipeline's one entry
     fullgraph = fullgraph_requested()
     original = None if fullgraph else copy.deepcopy(gm)
     context = PassContext.for_graph(options, example_inputs)
+    if not context.training and options.roll_layers:
+        gm = _own_copy(gm)  # (roll_layers may add inputs; Dynamo reads its own graph's afterwards)
     try:
         for graph_pass in BEFORE_AUTOGRAD:
             graph_pass.run(gm, context)
+        if context.stacked_inputs:  # (inference: roll_layers made the stacked weights inputs)
+            example_inputs = [*example_inputs, *_stacked_examples(example_inputs, context.stacked_inputs)]
 
         # A compile with a larger stack runs later, at call time: in Dynamo's tracing context
         # of this graph (its fake tensors and shape environment), as the first one does.
@@ -98,15 +104,42 @@ def compile(  # noqa: A001 - the pipeline's one entry
                 return aot_autograd(fw_compiler=fw_compiler, bw_compiler=bw_compiler)(gm, example_inputs)
 
         if not context.reports:
-            return build(options.first_capacity())
-        return ReportingCall(
-            build, options.first_capacity(), context.reporting_loops, options.max_iterations, context.trains_loops
-        )
+            compiled = build(options.first_capacity())
+        else:
+            compiled = ReportingCall(
+                build, options.first_capacity(), context.reporting_loops, options.max_iterations, context.trains_loops
+            )
+        return StackedOnce(compiled, context.stacked_inputs) if context.stacked_inputs else compiled
     except LoopLoweringError as error:
         if fullgraph:
             raise
         warn_host_loop(f"could not lower a loop, so its graph runs eagerly ({error})")
         return original.forward
+
+
+def _own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of Dynamo's graph module that the passes may give more inputs: Dynamo
+    generates the call of the compiled function from its own graph's placeholders after the
+    backend returns. What AOTAutograd reads of a Dynamo graph comes along (its meta, the
+    sources of its parameters and of each input)."""
+    if not gm.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_subgraph):
+        return gm  # (nothing to roll)
+    graph = copy.deepcopy(gm.graph)
+    own = torch.fx.GraphModule(gm, graph)
+    own.meta = dict(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        own._param_name_to_source = gm._param_name_to_source
+    for theirs, ours in zip(gm.graph.find_nodes(op="placeholder"), graph.find_nodes(op="placeholder")):
+        if hasattr(theirs, "_dynamo_source"):
+            ours._dynamo_source = theirs._dynamo_source
+    return own
+
+
+def _stacked_examples(example_inputs: Sequence[Any], groups: list[tuple[int, ...]]) -> list[Any]:
+    """Example values of the stacked inputs: stacks of the examples (fake where they are)."""
+    mode = getattr(example_inputs[groups[0][0]], "fake_mode", None)
+    with mode or contextlib.nullcontext():
+        return [torch.stack([example_inputs[i] for i in group]) for group in groups]
 
 
 def graph_compilers(graph_compiler: GraphCompiler | None) -> tuple[GraphCompiler, GraphCompiler]:
