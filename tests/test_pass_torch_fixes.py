@@ -253,3 +253,37 @@ def test_torch_graph_deduplication_still_mixes_up_regions_wired_differently():
     finally:
         GraphRegionTracker.get_identical_regions = fixed
     assert not torch.allclose(got, expected, atol=1e-3), "Dynamo's deduplication is right now: _by_wiring can go"
+
+
+def _files_tokenized_while_compiling() -> int:
+    """How many source files Dynamo tokenizes while it compiles a small function (its
+    trace logs off; its per-file cache emptied first)."""
+    from torch._dynamo import funcname_cache
+
+    tokenized = []
+    add_file = funcname_cache._add_file
+    funcname_cache.clearcache()
+    funcname_cache._add_file = lambda filename: (tokenized.append(filename), add_file(filename))[1]
+    try:
+        torch._dynamo.reset()
+        torch.compile(lambda x: torch.sin(x) * 2 + torch.cos(x), backend="eager", fullgraph=True)(torch.randn(3))
+    finally:
+        funcname_cache._add_file = add_file
+    return len(tokenized)
+
+
+def test_dynamo_tokenizes_no_source_file_for_a_log_that_is_off():
+    assert _files_tokenized_while_compiling() == 0
+
+
+def test_torch_dynamo_still_tokenizes_source_files_for_logs_that_are_off():
+    # When this fails, Dynamo no longer names functions for logs that are off: install_funcname_fix can go.
+    from torch._dynamo import symbolic_convert
+
+    fixed = symbolic_convert.get_funcname
+    symbolic_convert.get_funcname = fixed.__wrapped__
+    try:
+        tokenized = _files_tokenized_while_compiling()
+    finally:
+        symbolic_convert.get_funcname = fixed
+    assert tokenized > 0, "Dynamo no longer tokenizes files for its trace logs while they are off: install_funcname_fix can go"
