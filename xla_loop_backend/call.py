@@ -85,11 +85,16 @@ class StackedOnce:
         return self.compiled(*args, *self.stacks)
 
 
+def stacks_of(args: Sequence[Any], groups: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """The stack of each group (positions) of `args`: the rolled layers' stacked weights."""
+    return [torch.stack([args[i] for i in group]) for group in groups]
+
+
 def stacked_inputs(args: Sequence[Any], groups: list[tuple[int, ...]]) -> list[torch.Tensor]:
-    """The stack of each group of `args`, computed on the device now."""
+    """`stacks_of(args, groups)`, computed on the device now."""
     import torch_xla
 
-    stacks = [torch.stack([args[i] for i in group]) for group in groups]
+    stacks = stacks_of(args, groups)
     xla = [t for t in stacks if t.device.type == "xla"]
     if xla:
         torch_xla._XLAC._xla_sync_multi(xla, devices=[], wait=False)

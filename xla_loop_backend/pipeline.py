@@ -51,7 +51,7 @@ import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-from .call import BridgeCall, GradientLayout, ReportingCall, StackedOnce
+from .call import BridgeCall, GradientLayout, ReportingCall, StackedOnce, stacks_of
 from .errors import LoopLoweringError
 from .fallback import warn_host_loop
 from .lowering.driver import lower_loops
@@ -139,7 +139,7 @@ def _stacked_examples(example_inputs: Sequence[Any], groups: list[tuple[int, ...
     """Example values of the stacked inputs: stacks of the examples (fake where they are)."""
     mode = getattr(example_inputs[groups[0][0]], "fake_mode", None)
     with mode or contextlib.nullcontext():
-        return [torch.stack([example_inputs[i] for i in group]) for group in groups]
+        return stacks_of(example_inputs, groups)
 
 
 def graph_compilers(graph_compiler: GraphCompiler | None) -> tuple[GraphCompiler, GraphCompiler]:
