@@ -124,9 +124,9 @@ def _train_against_eager(model, calls, **options):
             loss.backward()
         torch.testing.assert_close(loss.detach().cpu(), expected.detach(), rtol=1e-4, atol=1e-4)
         assert_grads_close(grads(device_model), grads(reference))
-        if k > 0:
+        if k > 0:  # (on the first call the bridge clears torch_xla's counters while it compiles)
             assert delta.compiles == 0
-        assert delta.host_syncs == 0  # (the rolled layers run on the device: nothing read back)
+            assert delta.host_syncs == 0  # (the rolled layers run on the device: nothing read back)
 
 
 @pytest.mark.parametrize("per_layer", [False, True])
