@@ -80,6 +80,7 @@ def measure(
     steady_budget_s: float,
     max_repeats: int,
     counters: tuple[Callable[[], None], Callable[[], dict[str, float]]] | None = None,
+    stages: Callable[[], dict[str, float]] | None = None,
     base: dict[str, Any],
 ) -> None:
     """Time call(): the first call (compile included), one warm-up call (some systems compile
@@ -89,7 +90,7 @@ def measure(
     (so a system's own host transfers are what the counters see). summarize(result) runs once,
     untimed, after the first call: {"checksum": ..., maybe "trip_count": ...}.
     counters = (clear, read) gives compile/sync counts of the first call and per call over
-    the repeated calls.
+    the repeated calls. stages() (optional) splits the first call: {stage: seconds}.
     Repeats shrink to what fits before the deadline (monotonic seconds).
     """
     if counters:
@@ -100,7 +101,7 @@ def measure(
     first = time.perf_counter() - start
     first_counts = counters[1]() if counters else {}
     record = {**base, **summarize(result), "first_call_s": first, "first_call_counts": first_counts,
-              "peak_rss_mb": peak_rss_mb()}
+              "peak_rss_mb": peak_rss_mb(), **({"first_call_stages": stages()} if stages else {})}
     emit({**record, "event": "first_call"})
 
     # the warm-up may pass the deadline (the driver then kills us and keeps the line above)

@@ -9,7 +9,8 @@ Then train_while.py: training through a data-dependent while_loop against its tr
 (--skip-training-while to leave it out), spmd_collectives.py: the collectives in each
 sharded loop's While body on 4 virtual devices (--skip-spmd), and roll_layers.py: first call
 and training step against depth for repeated layers, rolled into one scan or not, and
-openxla (--skip-roll-layers).
+openxla (--skip-roll-layers), and calls.py: per-call time and the first call by stage against
+JAX, pinned and unpinned, in paired rounds (--skip-calls).
 
 Every (system, workload, trip count) runs in its own process (cold first call, its own
 peak RSS), pinned to one CPU (see --cpus), killed at --cap-seconds. Trip counts run in
@@ -243,6 +244,7 @@ def main() -> None:
     p.add_argument("--skip-training-while", action="store_true", help="skip train_while.py (training through a while_loop)")
     p.add_argument("--skip-spmd", action="store_true", help="skip spmd_collectives.py (collectives per While body under SPMD)")
     p.add_argument("--skip-roll-layers", action="store_true", help="skip roll_layers.py (repeated layers against depth)")
+    p.add_argument("--skip-calls", action="store_true", help="skip calls.py (per call and first call against JAX, pinned and unpinned)")
     a = p.parse_args()
 
     cfg = dict(QUICK if a.quick else FULL)
@@ -298,6 +300,9 @@ def main() -> None:
         subprocess.run([sys.executable, str(HERE / "spmd_collectives.py"), "--out", str(a.out)], check=True)
     if not a.skip_roll_layers:
         subprocess.run([sys.executable, str(HERE / "roll_layers.py"), *(["--quick"] if a.quick else []), "--out", str(a.out)], check=True)
+    if not a.skip_calls:
+        subprocess.run([sys.executable, str(HERE / "calls.py"), *(["--quick"] if a.quick else []), "--out", str(a.out),
+                        "--jax-venv", str(a.jax_venv)], check=True)
 
 
 if __name__ == "__main__":

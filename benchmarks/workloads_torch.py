@@ -197,8 +197,13 @@ def run(system: str, workload: str, trips: int, *, base: dict, **kw: Any) -> Non
 
         dev = torch_xla.device()
 
-        def wait(_):
-            torch_xla.sync()
+        def wait(result):
+            # As JAX's block_until_ready: wait until the result is computed. A result still
+            # pending as lazy IR is computed first (a sync); one the executable already
+            # produced is only waited for.
+            tensors = [t for t in torch.utils._pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
+            if any(torch_xla._XLAC._check_tensor_need_materialization(tensors)):
+                torch_xla.sync()
             torch_xla._XLAC._xla_wait_device_ops([])
 
         def read() -> dict[str, float]:
@@ -207,8 +212,21 @@ def run(system: str, workload: str, trips: int, *, base: dict, **kw: Any) -> Non
                     "host_syncs": counts["host_syncs"], "transfers": counts["transfers_from_device"]}
 
         counters = (met.clear_all, read)
+
+        def stages() -> dict[str, float]:
+            """Where the first call went: Dynamo's tracing, AOTAutograd (xla_loop's passes and
+            lowering included), the lowering alone, making the executable (trace and XLA
+            compile), and XLA's compile alone."""
+            from torch._dynamo.utils import compilation_time_metrics
+
+            timed = {name: sum(values) for name, values in compilation_time_metrics.items()}
+            xla = met.metric_data("CompileTime")
+            return {"dynamo_s": timed.get("bytecode_tracing", 0.0), "aot_s": timed.get("create_aot_dispatcher_function", 0.0),
+                    "lowering_s": timed.get("xla_loop_lowering", 0.0), "executable_s": timed.get("xla_loop_executable", 0.0),
+                    "xla_compile_s": xla[1] / 1e9 if xla else 0.0}
     else:
         dev = torch.device("cpu")
+        stages = None
 
         def wait(_):
             pass
@@ -221,7 +239,7 @@ def run(system: str, workload: str, trips: int, *, base: dict, **kw: Any) -> Non
     if system in XLA_SYSTEMS:
         torch_xla.sync()  # inputs on the device before timing
         wait(None)
-    C.measure(call, wait, summarize, base=base, counters=counters, **kw)
+    C.measure(call, wait, summarize, base=base, counters=counters, stages=stages, **kw)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ def test_worker_reports_one_compile_then_none_for_xla_loop():
     assert record["first_call_counts"]["compiles"] == 1
     assert record["per_call"] == {"compiles": 0, "executions": 1, "host_syncs": 0, "transfers": 0}
     assert record["steady_s"] > 0
+    # the first call split by stage (benchmarks/calls.py): each stage timed, none longer than the call
+    stages = record["first_call_stages"]
+    assert set(stages) == {"dynamo_s", "aot_s", "lowering_s", "executable_s", "xla_compile_s"}
+    assert all(0 < t < record["first_call_s"] for t in stages.values()), stages
 
 
 def _report():
@@ -131,3 +135,32 @@ def test_roll_layers_report_judges_the_median_of_paired_rounds():
     assert "first call at 48 layers / at 4 2.50x" in text and "goal at most 2.0x: NOT met" in text
     assert "training step at 48 layers / unrolled 1.00x" in text
     assert "| marked | 4 | 1.00 s | 0.10 s | 0.20 s | 0.50 s | 1.0 ms | 900 MB |" in text
+
+
+def test_calls_report_judges_each_pinning_on_the_median_of_paired_rounds():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import calls
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    stages = {"dynamo_s": 0.2, "aot_s": 0.1, "lowering_s": 0.001, "executable_s": 0.1, "xla_compile_s": 0.05}
+    records = []
+    for k, (ours, jax, first) in enumerate(((40e-6, 20e-6, 0.45), (90e-6, 20e-6, 0.7), (36e-6, 20e-6, 0.4))):
+        for pinning, slower in (("pinned", 1.0), ("unpinned", 2.0)):
+            records += [
+                {"system": "xla_loop", "workload": "B", "trips": 10, "round": k, "pinning": pinning,
+                 "steady_s": ours * slower, "first_call_s": first, "first_call_stages": stages, "repeats": 1000},
+                {"system": "jax", "workload": "B", "trips": 10, "round": k, "pinning": pinning,
+                 "steady_s": jax, "first_call_s": 0.05, "repeats": 1000},
+            ]
+    meta = {"date": "d", "command": "c", "total_s": 1.0, "rounds": 3, "cpu_model": "cpu", "cores": 2,
+            "load_average_start": (0, 0, 0), "load_average_end": (0, 0, 0)}
+    lines = calls.markdown(meta, records).splitlines()
+    pinned = [c.strip() for c in next(x for x in lines if x.startswith("| per call, B 10 trips | pinned")).strip("|").split("|")]
+    unpinned = [c.strip() for c in next(x for x in lines if x.startswith("| per call, B 10 trips | unpinned")).strip("|").split("|")]
+    # per-round ratios 2.0, 4.5, 1.8: median 2.0, met; a single slow round decides nothing
+    assert pinned[4] == "2.00× (1.80–4.50)" and pinned[6] == "yes"
+    assert unpinned[4] == "4.00× (3.60–9.00)" and unpinned[6] == "no"
+    first = [c.strip() for c in next(x for x in lines if x.startswith("| first call, B 10 trips | pinned")).strip("|").split("|")]
+    assert first[2] == "450 ms" and first[6] == "yes"
+    assert "| B 10 | pinned | 450 ms | 200 ms | 100 ms | 100 ms | 50 ms | 50 ms |" in lines

@@ -11,10 +11,10 @@ torch.compile on XLA tensors.
 """
 from __future__ import annotations
 
-from ._device import select_default_device, use_single_threaded_cpu_kernels
+from ._device import apply_cpu_defaults, select_default_device
 
 select_default_device()
-use_single_threaded_cpu_kernels()
+apply_cpu_defaults()
 
 from .api import cond, fori_loop, scan, while_loop  # noqa: E402
 from .backend import compile, compile_graph, xla_loop  # noqa: E402

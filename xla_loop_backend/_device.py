@@ -1,10 +1,13 @@
 """Runtime choices made before torch_xla starts its client, where the user made none:
-the PJRT device, and how the CPU runs small matrix products."""
+the PJRT device, and the CPU defaults for loops (`xla_loop_cpu_defaults.py`, which torch_xla
+also applies itself when it is imported, through its plugin entry point)."""
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
+
+import xla_loop_cpu_defaults
 
 
 def select_default_device() -> None:
@@ -19,20 +22,7 @@ def select_default_device() -> None:
         os.environ["PJRT_DEVICE"] = "CPU"
 
 
-SINGLE_THREADED_CPU_KERNELS = "--xla_cpu_multi_thread_eigen=false"
-
-
-def use_single_threaded_cpu_kernels() -> None:
-    """On the CPU device, run XLA's matrix products on the calling thread unless XLA_FLAGS
-    says otherwise (``--xla_cpu_multi_thread_eigen=true`` restores the thread pool).
-
-    torch_xla 2.9's XLA hands every dot to a thread pool, about 1 us per dot: in a loop of
-    small products that handoff costs more than the loop itself (the overhead-bound loop of
-    benchmarks/ runs 2.5x faster without it; the compute-bound one about the same on 2
-    cores). XLA reads the flag when its client starts, so this must run before that.
-    """
-    if os.environ.get("PJRT_DEVICE", "").upper() != "CPU":
-        return
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_multi_thread_eigen" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {SINGLE_THREADED_CPU_KERNELS}".strip()
+def apply_cpu_defaults() -> None:
+    """The CPU defaults, where the user set none (see `xla_loop_cpu_defaults`). Has an effect
+    only before torch_xla's client starts."""
+    xla_loop_cpu_defaults.apply()

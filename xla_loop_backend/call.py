@@ -1,7 +1,9 @@
 """The call-time wrappers: what runs on every call of a compiled function.
 
-- `BridgeCall`, per AOTAutograd graph (forward, backward): builds torch_xla's cached
-  executable on the first call (the bridge needs real device inputs), calls it, and reads
+- `BridgeCall`, per AOTAutograd graph (forward, backward): builds the graph's cached
+  executable on the first call (tracing needs real device inputs): traced once and called
+  directly (`executable.py`), or through torch_xla's bridge where that does not apply (SPMD,
+  CPU fallback ops, RNG, ...). It calls it, and reads
   the graph's Python int and bool results back (once, after the whole graph ran). Under
   SPMD, the backward's gradients are laid out like their inputs (`GradientLayout`).
 - `ReportingCall`, around the whole compiled function when its graph has bounded or
@@ -21,6 +23,7 @@ import torch
 
 from . import metrics
 from .errors import LoopLoweringError
+from .executable import Executable, trace_once
 from .lowering.driver import LoweredGraph
 from .lowering.sharding import pinned, shardings_of
 
@@ -111,7 +114,8 @@ def _identity(args: Sequence[Any], groups: list[tuple[int, ...]]) -> tuple[Any, 
 
 
 class BridgeCall:
-    """Calls a lowered graph through torch_xla's bridge (see the module docstring)."""
+    """Calls a lowered graph's executable (see the module docstring): its own, traced once
+    (`executable.py`), or, where that does not apply, through torch_xla's bridge."""
 
     def __init__(self, lowered: LoweredGraph, layout: GradientLayout | None = None, backward: bool = False):
         self.lowered = lowered
@@ -120,6 +124,15 @@ class BridgeCall:
         self.input_shardings: tuple[str, ...] | None = None
 
     def __call__(self, *args: Any) -> Any:
+        if isinstance(self.compiled, Executable):  # (made outside SPMD only: no sharding to check)
+            result = self.compiled(*args)
+        else:
+            result = self._through_bridge(args)
+        if not self.lowered.scalar_outputs:
+            return result
+        return _scalars_at(result, self.lowered.scalar_outputs)
+
+    def _through_bridge(self, args: Sequence[Any]) -> Any:
         shardings = _input_shardings(args)
         if self.compiled is None or shardings != self.input_shardings:
             if self.compiled is not None:  # (SPMD) an input's sharding changed: trace again
@@ -129,12 +142,24 @@ class BridgeCall:
                     self.layout.record(args)
                 elif self.compiled is None:
                     self.layout.pin_gradients(self.lowered.module)
-            self.compiled = _extract_compiled_graph(self.lowered.module, args)
+            self.compiled = _compiled(self.lowered.module, args)
             self.input_shardings = _input_shardings(args)
-        result = self.compiled(*args)
-        if not self.lowered.scalar_outputs:
-            return result
-        return _scalars_at(result, self.lowered.scalar_outputs)
+        return self.compiled(*args)
+
+
+def _compiled(gm: torch.fx.GraphModule, args: Sequence[Any]) -> Callable[..., Any]:
+    """The graph's executable: traced once and called directly (`executable.py`), or,
+    where that path does not apply, through torch_xla's bridge."""
+    import torch_xla
+    from torch._dynamo.utils import dynamo_timed
+
+    with dynamo_timed("xla_loop_executable"):  # (a stage of the first call in Dynamo's compile times)
+        try:
+            own = trace_once(gm, _private_scalars(args), args)
+        except Exception:
+            torch_xla._XLAC._clear_pending_irs(str(torch_xla.device()))
+            raise
+        return own if own is not None else _extract_compiled_graph(gm, args)
 
 
 def _extract_compiled_graph(gm: torch.fx.GraphModule, args: Sequence[Any]) -> Callable[..., Any]:

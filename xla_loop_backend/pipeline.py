@@ -50,6 +50,7 @@ from typing import Any, Callable, Sequence
 import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.utils import dynamo_timed
 
 from .call import BridgeCall, GradientLayout, ReportingCall, StackedOnce, stacks_of
 from .errors import LoopLoweringError
@@ -159,7 +160,8 @@ def compile_graph(
     try:
         for graph_pass in AFTER_AUTOGRAD:
             graph_pass.run(gm)
-        lowered = lower_loops(gm)
+        with dynamo_timed("xla_loop_lowering"):  # (a stage of the first call in Dynamo's compile times)
+            lowered = lower_loops(gm)
         for graph_pass in BEFORE_BRIDGE:
             graph_pass.run(lowered.module)
     except LoopLoweringError as error:
