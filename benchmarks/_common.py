@@ -100,8 +100,9 @@ def measure(
     wait(result)
     first = time.perf_counter() - start
     first_counts = counters[1]() if counters else {}
+    first_stages = {"first_call_stages": stages()} if stages else {}  # (before summarize, which compiles)
     record = {**base, **summarize(result), "first_call_s": first, "first_call_counts": first_counts,
-              "peak_rss_mb": peak_rss_mb(), **({"first_call_stages": stages()} if stages else {})}
+              "peak_rss_mb": peak_rss_mb(), **first_stages}
     emit({**record, "event": "first_call"})
 
     # the warm-up may pass the deadline (the driver then kills us and keeps the line above)

@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/calls.py [--rounds 3] [--quick]     (also the end of ./dev bench)
 
-Each point (workload, trip count) runs xla_loop and JAX back to back, in rounds (order
-reversed every other round), once pinned to one CPU and once unpinned (every CPU of the
+Each point (workload, trip count) runs xla_loop (`torch.compile(backend="xla_loop")`),
+xla_loop_decorator (`@xla_loop_backend.compile`, which drops Dynamo's guards on the loop API's
+internals) and JAX back to back, in rounds (order reversed every other round), once pinned to one CPU and once unpinned (every CPU of the
 machine, as users run), each in a fresh process (workers of suite.py). A call is waited for
 on the device: JAX with `block_until_ready`, xla_loop with torch_xla's `wait_device_ops`
 (a sync first only where the result is still lazy IR). Per call: the median of every call
@@ -33,6 +34,7 @@ import suite  # noqa: E402
 POINTS = (("B", 10), ("A", 1000), ("B", 10000), ("C", 1000), ("E", 100))
 QUICK_POINTS = (("B", 10), ("A", 1000), ("B", 10000))
 PINNINGS = ("pinned", "unpinned")
+OURS = ("xla_loop", "xla_loop_decorator")
 # (label, workload, trips, pinnings judged, goal as a ratio to JAX, or None for an absolute first-call goal)
 TARGETS = (
     ("per call, B 10 trips", "B", 10, PINNINGS, 2.0),
@@ -52,7 +54,7 @@ def run(rounds: int, points: tuple, jax_python: Path | None, log_dir: Path) -> l
             for pinning in PINNINGS:
                 cfg = {"cap": 120.0, "steady_budget": 1.0, "max_repeats": 5000,
                        "cpus": {allowed[-1]} if pinning == "pinned" else None}
-                order = ["xla_loop", "jax"] if k % 2 == 0 else ["jax", "xla_loop"]
+                order = [*OURS, "jax"] if k % 2 == 0 else ["jax", *OURS[::-1]]
                 for system in order:
                     record = suite.run_worker(system, workload, trips, cfg, jax_python, log_dir)
                     record.update(round=k, pinning=pinning)
@@ -65,12 +67,13 @@ def fmt(s: float | None) -> str:
     return "–" if s is None else f"{s * 1e6:.1f} µs" if s < 1e-3 else f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.2f} s"
 
 
-def pairs(records: list[dict], workload: str, trips: int, pinning: str) -> list[tuple[dict, dict]]:
+def pairs(records: list[dict], workload: str, trips: int, pinning: str, ours: str = "xla_loop") -> list[tuple[dict, dict]]:
+    """(ours, JAX) for each round in which both were measured at this point and pinning."""
     by_round: dict[int, dict[str, dict]] = {}
     for r in records:
         if (r["workload"], r["trips"], r["pinning"]) == (workload, trips, pinning) and "steady_s" in r:
             by_round.setdefault(r["round"], {})[r["system"]] = r
-    return [(m["xla_loop"], m["jax"]) for _, m in sorted(by_round.items()) if "xla_loop" in m and "jax" in m]
+    return [(m[ours], m["jax"]) for _, m in sorted(by_round.items()) if ours in m and "jax" in m]
 
 
 def markdown(meta: dict, records: list[dict]) -> str:
@@ -84,12 +87,12 @@ def markdown(meta: dict, records: list[dict]) -> str:
         "made in about 1 s after one warm-up, each waited for on the device. xla_loop runs with its CPU defaults "
         "(xla_loop_cpu_defaults.py), JAX with its own.",
         "", "## Targets", "",
-        "| point | pinning | xla_loop | JAX | ratio (median of rounds; range) | goal | met? |",
-        "|---|---|---:|---:|---:|---|---|",
+        "| point | pinning | system | ours | JAX | ratio (median of rounds; range) | goal | met? |",
+        "|---|---|---|---:|---:|---:|---|---|",
     ]
     for label, workload, trips, judged, goal in TARGETS:
-        for pinning in PINNINGS:
-            matched = pairs(records, workload, trips, pinning)
+        for pinning, ours_system in ((p, o) for p in PINNINGS for o in OURS):
+            matched = pairs(records, workload, trips, pinning, ours_system)
             if not matched:
                 continue
             ratios = sorted(a["steady_s"] / b["steady_s"] for a, b in matched)
@@ -97,17 +100,17 @@ def markdown(meta: dict, records: list[dict]) -> str:
             ours = statistics.median(a["steady_s"] for a, _ in matched)
             theirs = statistics.median(b["steady_s"] for _, b in matched)
             verdict = ("yes" if mid <= goal else "no") if pinning in judged else "(not a goal)"
-            lines.append(f"| {label} | {pinning} | {fmt(ours)} | {fmt(theirs)} | {mid:.2f}× ({ratios[0]:.2f}–{ratios[-1]:.2f}) "
-                         f"| ≤ {goal:g}× JAX | {verdict} |")
-    for pinning in PINNINGS:
-        firsts = [a for a, _ in pairs(records, "B", 10, pinning)]
-        if firsts:
-            values = sorted(r["first_call_s"] for r in firsts)
+            lines.append(f"| {label} | {pinning} | {ours_system} | {fmt(ours)} | {fmt(theirs)} | {mid:.2f}× "
+                         f"({ratios[0]:.2f}–{ratios[-1]:.2f}) | ≤ {goal:g}× JAX | {verdict} |")
+    for pinning, ours_system in ((p, o) for p in PINNINGS for o in OURS):
+        matched = pairs(records, "B", 10, pinning, ours_system)
+        if matched:
+            values = sorted(a["first_call_s"] for a, _ in matched)
             mid = statistics.median(values)
-            jax_first = statistics.median(b["first_call_s"] for _, b in pairs(records, "B", 10, pinning))
-            lines.append(f"| first call, B 10 trips | {pinning} | {fmt(mid)} | {fmt(jax_first)} | ({values[0]:.2f}–{values[-1]:.2f} s) "
-                         f"| ≤ {FIRST_CALL_GOAL_S:g} s | {'yes' if mid <= FIRST_CALL_GOAL_S else 'no'} |")
-    lines += ["", "## First call of xla_loop by stage (median over rounds)", "",
+            jax_first = statistics.median(b["first_call_s"] for _, b in matched)
+            lines.append(f"| first call, B 10 trips | {pinning} | {ours_system} | {fmt(mid)} | {fmt(jax_first)} | "
+                         f"({values[0]:.2f}–{values[-1]:.2f} s) | ≤ {FIRST_CALL_GOAL_S:g} s | {'yes' if mid <= FIRST_CALL_GOAL_S else 'no'} |")
+    lines += ["", "## First call of xla_loop (torch.compile) by stage (median over rounds)", "",
               "| point | pinning | first call | Dynamo | AOTAutograd (passes, lowering) | executable (trace + XLA compile) "
               "| XLA compile | JAX first call |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for workload, trips in dict.fromkeys((r["workload"], r["trips"]) for r in records):

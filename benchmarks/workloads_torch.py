@@ -5,6 +5,8 @@ cold compile and ru_maxrss that measurement's own peak. Systems:
 
   xla_loop       torch.compile(backend="xla_loop") over xla_loop_backend.while_loop / scan,
                  trip count a device tensor input (one executable for every trip count)
+  xla_loop_decorator  the same program under @xla_loop_backend.compile(fullgraph=True)
+                 (calls.py: it drops Dynamo's guards on the loop API's internals)
   openxla_while  torch.compile(backend="openxla") over torch's while_loop / scan HOPs
   openxla_for    torch.compile(backend="openxla") over a Python loop (Dynamo unrolls it);
                  D: a compiled step in a Python while loop that reads the residual back
@@ -31,7 +33,7 @@ from torch._higher_order_ops.scan import scan as torch_scan  # noqa: E402
 
 import _common as C  # noqa: E402
 
-XLA_SYSTEMS = ("xla_loop", "openxla_while", "openxla_for")
+XLA_SYSTEMS = ("xla_loop", "xla_loop_decorator", "openxla_while", "openxla_for")
 SYSTEMS = XLA_SYSTEMS + ("eager", "inductor")
 
 
@@ -127,12 +129,15 @@ def build(system: str, workload: str, trips: int, dev: Any) -> tuple[Callable[[]
     def on(a):
         return torch.from_numpy(a).to(dev)
 
-    if system in ("xla_loop", "openxla_while", "openxla_for"):
-        backend = "xla_loop" if system == "xla_loop" else "openxla"
+    if system in XLA_SYSTEMS:
+        backend = "xla_loop" if system.startswith("xla_loop") else "openxla"
     else:
         backend = "inductor"
     compile_ = functools.partial(torch.compile, backend=backend, fullgraph=True)
-    if system == "xla_loop":
+    if system == "xla_loop_decorator":
+        import xla_loop_backend as xl
+        compile_ = functools.partial(xl.compile, fullgraph=True)
+    if system.startswith("xla_loop"):
         import xla_loop_backend as xl
         loop_while, loop_scan = xl.while_loop, xl.scan
     else:

@@ -169,3 +169,74 @@ def test_compile_decorator_on_a_module_returns_torch_compiled_module():
     assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
     with torch.no_grad():
         assert compiled(torch.ones(2, 3, device=xla_device())).shape == (2, 3)
+
+
+# ---- the decorator's guard filter ----------------------------------------------------------
+
+class _Entry:
+    def __init__(self, name: str):
+        self.name = name
+
+
+def test_the_guard_filter_drops_guards_on_library_internals_only():
+    from xla_loop_backend.backend import without_library_guards
+
+    names = {
+        "G['__import_xla_loop_backend_dot_api']._dense.__code__": False,
+        "G['__import_torch_dot_utils_dot__pytree'].TreeSpec": False,
+        "G['__import_torch_dot__dynamo_dot_polyfills_dot_builtins'].functools": False,
+        "G['__import_torch_dot__higher_order_ops_dot_while_loop'].while_loop_op": False,
+        "L['x']": True,
+        "G['torch'].tanh": True,
+        "G['SCALE']": True,
+        "G['__builtins_dict___0']['len']": True,
+    }
+    assert without_library_guards([_Entry(n) for n in names]) == list(names.values())
+
+
+SCALE = 2.0
+
+
+def _scaled(n, x):
+    i0 = torch.zeros((), dtype=torch.int64, device=x.device)
+    return while_loop(lambda i, x: i < n, lambda i, x: (i + 1, x * SCALE), (i0, x))[1]
+
+
+def test_under_the_decorator_library_guards_go_and_the_users_stay(monkeypatch):
+    from xla_loop_backend import backend
+
+    seen, original = [], backend.without_library_guards
+
+    def recording(entries):
+        keep = original(entries)
+        seen.append((len(keep), keep.count(False)))
+        return keep
+
+    monkeypatch.setattr(backend, "without_library_guards", recording)
+    f = xla_loop_backend.compile(_scaled, fullgraph=True)
+    dev = xla_device()
+    n, x = torch.tensor(3, device=dev), torch.ones(2, device=dev)
+    assert f(n, x).cpu().tolist() == [8.0, 8.0]
+    assert seen and seen[0][1] > 0, seen  # the filter ran, and dropped the API's guards
+    monkeypatch.setattr(sys.modules[__name__], "SCALE", 3.0)  # a global the user's code reads
+    assert f(n, x).cpu().tolist() == [27.0, 27.0]
+    assert f(n, torch.ones(3, device=dev)).cpu().tolist() == [27.0] * 3  # a new shape
+
+
+def test_deduplication_is_on_only_while_a_decorated_call_compiles(monkeypatch):
+    from xla_loop_backend import backend
+
+    flags, original = [], backend.pipeline.compile
+
+    def recording(*args, **kwargs):  # (the backend runs inside Dynamo's compile)
+        flags.append(torch._dynamo.config.use_graph_deduplication)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(backend.pipeline, "compile", recording)
+    f = xla_loop_backend.compile(lambda x: x + 1)
+    torch._dynamo.reset()  # (drops Dynamo's compile callbacks: the decorator registers its own again)
+    f(torch.ones(2, device=xla_device()))
+    assert flags == [True] and torch._dynamo.config.use_graph_deduplication is False
+    xla_loop_backend.compile(lambda x: x + 2, roll_layers=False)(torch.ones(3, device=xla_device()))
+    torch.compile(lambda x: x + 3, backend="xla_loop")(torch.ones(4, device=xla_device()))
+    assert flags == [True, False, False]

@@ -156,11 +156,13 @@ def test_calls_report_judges_each_pinning_on_the_median_of_paired_rounds():
     meta = {"date": "d", "command": "c", "total_s": 1.0, "rounds": 3, "cpu_model": "cpu", "cores": 2,
             "load_average_start": (0, 0, 0), "load_average_end": (0, 0, 0)}
     lines = calls.markdown(meta, records).splitlines()
-    pinned = [c.strip() for c in next(x for x in lines if x.startswith("| per call, B 10 trips | pinned")).strip("|").split("|")]
-    unpinned = [c.strip() for c in next(x for x in lines if x.startswith("| per call, B 10 trips | unpinned")).strip("|").split("|")]
+    def row(start):
+        return [c.strip() for c in next(x for x in lines if x.startswith(start)).strip("|").split("|")]
+
+    pinned, unpinned = row("| per call, B 10 trips | pinned | xla_loop |"), row("| per call, B 10 trips | unpinned | xla_loop |")
     # per-round ratios 2.0, 4.5, 1.8: median 2.0, met; a single slow round decides nothing
-    assert pinned[4] == "2.00× (1.80–4.50)" and pinned[6] == "yes"
-    assert unpinned[4] == "4.00× (3.60–9.00)" and unpinned[6] == "no"
-    first = [c.strip() for c in next(x for x in lines if x.startswith("| first call, B 10 trips | pinned")).strip("|").split("|")]
-    assert first[2] == "450 ms" and first[6] == "yes"
+    assert pinned[5] == "2.00× (1.80–4.50)" and pinned[7] == "yes"
+    assert unpinned[5] == "4.00× (3.60–9.00)" and unpinned[7] == "no"
+    first = row("| first call, B 10 trips | pinned | xla_loop |")
+    assert first[3] == "450 ms" and first[7] == "yes"
     assert "| B 10 | pinned | 450 ms | 200 ms | 100 ms | 100 ms | 50 ms | 50 ms |" in lines
