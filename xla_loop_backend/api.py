@@ -19,7 +19,9 @@ import torch.utils._pytree as pytree
 from torch._higher_order_ops.cond import cond as _torch_cond
 from torch._higher_order_ops.scan import scan as _torch_scan
 from torch._higher_order_ops.while_loop import while_loop as _torch_while_loop
+from torch._higher_order_ops.while_loop import while_loop_op as _while_loop_op
 
+from . import trees
 from .errors import describe_value, raise_loop_error, raising_loop_errors, traced_loop, tracing_loop
 from .tracing import call_checked, reject_constant_condition
 
@@ -42,7 +44,7 @@ def while_loop(
     loop = _loop_label("while_loop", name, body_fn)
     if not isinstance(carried_inputs, (tuple, list)):
         raise_loop_error(f"{loop}: carried_inputs must be a tuple or list, found {describe_value(carried_inputs)}")
-    carried_inputs = pytree.tree_map(_dense, tuple(carried_inputs))
+    carried_inputs = trees.tree_map(_dense, tuple(carried_inputs))
     _check_leaves(loop, "carry", "carried_inputs", carried_inputs, allow_ints=True)
     paths = _tensor_paths("carried_inputs", carried_inputs)
 
@@ -111,7 +113,7 @@ def scan(
         _check_same_carries(loop, "combine_fn", "init", out[0], carry)
         return _as_new_carries((out[0], _hide_none(out[1], xs_leaves[0][1].device)))
 
-    carry, ys = _on_device(_run_scan, loop, checked_combine, pytree.tree_map(_dense, init), xs, dim, reverse)
+    carry, ys = _on_device(_run_scan, loop, checked_combine, trees.tree_map(_dense, init), xs, dim, reverse)
     return carry, _show_none(ys)
 
 
@@ -199,9 +201,20 @@ def fori_loop(
 
 def _run_while_loop(loop: str, cond_fn: Callable, body_fn: Callable, carried_inputs: tuple) -> Any:
     tracing_loop(loop)
-    out = _fresh(_torch_while_loop(cond_fn, body_fn, carried_inputs))
+    out = _fresh(_while(cond_fn, body_fn, carried_inputs))
     traced_loop(loop)
     return out
+
+
+def _while(cond_fn: Callable, body_fn: Callable, carried_inputs: tuple) -> Any:
+    """torch's while_loop. Under Dynamo, with carries that are a flat tuple of tensors and
+    numbers, its op directly: that is what torch's `while_loop` calls there, after flattening
+    the carries with pytree and wrapping cond and body to unflatten them again, which for
+    flat carries changes nothing and which Dynamo would trace into every loop program
+    (`trees.py`)."""
+    if torch.compiler.is_dynamo_compiling() and trees.is_flat(carried_inputs):
+        return _while_loop_op(cond_fn, body_fn, tuple(carried_inputs), ())
+    return _torch_while_loop(cond_fn, body_fn, carried_inputs)
 
 
 def _run_cond(loop: str, pred: Any, true_fn: Callable, false_fn: Callable, operands: tuple) -> Any:
@@ -234,7 +247,7 @@ def _run_dynamic_fori(loop: str, step: Callable, lower: Any, upper: Any, leaves:
     def body(i: torch.Tensor, *carry: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (i + 1, *step(i, carry))
 
-    _, *final = _fresh(_torch_while_loop(lambda i, *carry: i < upper, body, (lower, *leaves)))
+    _, *final = _fresh(_while(lambda i, *carry: i < upper, body, (lower, *leaves)))
     traced_loop(loop)
     return final
 
@@ -246,7 +259,7 @@ def _fresh(results: Any) -> Any:
     sizes (`LayerNorm`: "Cannot call numel() on tensor with symbolic sizes/strides") or a
     second loop that captures them ("Source of '3*u0 - 3' is None") then fails to trace. A
     copy has plain strides, and costs nothing in the XLA program."""
-    return pytree.tree_map(lambda r: r.clone() if isinstance(r, torch.Tensor) else r, results)
+    return trees.tree_map(lambda r: r.clone() if isinstance(r, torch.Tensor) else r, results)
 
 
 def _index_tensor(bound: Any, device: Any) -> torch.Tensor:
@@ -274,7 +287,7 @@ def _on_device(run: Callable[..., Any], *args: Any) -> Any:
 
 
 def _on_xla(tree: Any) -> bool:
-    return any(isinstance(t, torch.Tensor) and t.device.type == "xla" for t in pytree.tree_leaves(tree))
+    return any(isinstance(t, torch.Tensor) and t.device.type == "xla" for t in trees.tree_leaves(tree))
 
 
 def _loop_label(kind: str, name: str | None, fn: Callable) -> str:
@@ -306,8 +319,7 @@ def _tensor_paths(root: str, tree: Any) -> list[str]:
 
 
 def _leaves_with_paths(root: str, tree: Any) -> list[tuple[str, Any]]:
-    leaves, _ = pytree.tree_flatten_with_path(tree)
-    return [(f"{root}{pytree.keystr(path)}", leaf) for path, leaf in leaves]
+    return trees.leaves_with_paths(root, tree)
 
 
 def _check_leaves(loop: str, what: str, root: str, tree: Any, *, allow_ints: bool) -> None:
@@ -325,14 +337,12 @@ def _check_same_carries(loop: str, fn_name: str, root: str, found: Any, expected
 
     `expected` is what the body received (not the loop's inputs: a body that closed over
     those would capture them as extra loop inputs)."""
-    found_leaves, found_spec = pytree.tree_flatten(found)
-    expected_leaves, expected_spec = pytree.tree_flatten(expected)
-    if found_spec != expected_spec:
+    if not trees.same_structure(found, expected):
         raise_loop_error(
             f"{loop}: {fn_name} must return carries structured like {root}: expected "
             f"{_structure(expected)}, found {_structure(found)}"
         )
-    for (path, want), got in zip(_leaves_with_paths(root, expected), found_leaves):
+    for (path, want), got in zip(_leaves_with_paths(root, expected), trees.tree_leaves(found)):
         if isinstance(want, torch.Tensor):
             if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
                 raise_loop_error(
@@ -352,7 +362,7 @@ def _as_new_carries(outputs: Any) -> Any:
     body captured from its closure, one tensor returned twice) and other strides than the
     carry's (an `expand`, a transpose). Every output is therefore copied: a dense copy of
     a tensor is no op at all in the XLA program (XLA tensors have no strides or aliases)."""
-    return pytree.tree_map(
+    return trees.tree_map(
         lambda value: value.clone(memory_format=torch.contiguous_format) if isinstance(value, torch.Tensor) else value,
         outputs,
     )

@@ -15,9 +15,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.utils._pytree as pytree
 from torch._dynamo.comptime import comptime
 
+from . import trees
 from .errors import LoopLoweringError
 
 # Version counters of the fake tensors a body received, by id, from when its tracing began.
@@ -26,7 +26,7 @@ _versions_at_entry: dict[int, int] = {}
 
 def call_checked(loop: str, fn_name: str, paths: list[str], fn: Callable[..., Any], *args: Any) -> Any:
     """`fn(*args)`, with the checks above. `paths` names each tensor leaf of args (for errors)."""
-    _leaves = [t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]  # read by comptime
+    _leaves = [t for t in trees.tree_leaves(args) if isinstance(t, torch.Tensor)]  # read by comptime
     _where = f"{loop}: {fn_name}"  # read by comptime
     _paths = paths  # read by comptime
     compiling = torch.compiler.is_compiling()
