@@ -1,11 +1,11 @@
 """The call-time wrappers: what runs on every call of a compiled function.
 
 - `BridgeCall`, per AOTAutograd graph (forward, backward): builds the graph's cached
-  executable on the first call (tracing needs real device inputs): traced once and called
+  executable on the first call (tracing needs real device inputs), traced once and called
   directly (`executable.py`), or through torch_xla's bridge where that does not apply (SPMD,
-  CPU fallback ops, RNG, ...). It calls it, and reads
-  the graph's Python int and bool results back (once, after the whole graph ran). Under
-  SPMD, the backward's gradients are laid out like their inputs (`GradientLayout`).
+  CPU fallback ops, RNG, a mutated input). It calls it, and reads the graph's Python int and
+  bool results back (once, after the whole graph ran). Under SPMD, the backward's gradients
+  are laid out like their inputs (`GradientLayout`).
 - `ReportingCall`, around the whole compiled function when its graph has bounded or
   trained while_loops (`passes/while_loops.py`): reads the loops' report (one scalar, one
   host read per call, none per iteration); raises if a loop was still running after
