@@ -36,12 +36,18 @@ SINGLE_THREADED_CPU_KERNELS = "--xla_cpu_multi_thread_eigen=false"
 CPU_CLIENT_DEFAULTS = (("PJRT_CPU_ASYNC_CLIENT", "0"), ("XLA_THREAD_POOL_SIZE", "1"))
 
 
+def accelerator_runtime_installed() -> bool:
+    """Whether a TPU or Neuron runtime is installed (torch_xla then picks that device when
+    PJRT_DEVICE is unset, and the CPU otherwise)."""
+    return importlib.util.find_spec("libtpu") is not None or importlib.util.find_spec("libneuronxla") is not None
+
+
 def on_cpu() -> bool:
     """Whether torch_xla will run on the CPU device."""
     device = os.environ.get("PJRT_DEVICE")
     if device is not None:
         return device.upper().split("_")[0] == "CPU"
-    return importlib.util.find_spec("libtpu") is None and importlib.util.find_spec("libneuronxla") is None
+    return not accelerator_runtime_installed()
 
 
 def apply() -> None:

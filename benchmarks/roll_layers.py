@@ -119,23 +119,19 @@ def _trainer(torch: Any, torch_xla: Any, system: str, depth: int) -> Any:
 def first_call_worker(system: str, depth: int, steps: int) -> dict:
     import torch
     import torch_xla
-    import torch_xla.debug.metrics as met
-    from torch._dynamo.utils import compilation_time_metrics
 
     import xla_loop_backend  # noqa: F401  (its import-time setup, as a user's process has it)
+    from xla_loop_backend.metrics import first_call_stages
 
     step, _ = _trainer(torch, torch_xla, system, depth)
     first = step()
-    stages = {name: sum(values) for name, values in compilation_time_metrics.items()}
-    xla = met.metric_data("CompileTime")
+    stages = first_call_stages()
     steady = statistics.median(step() for _ in range(steps))
     return {
         "system": system,
         "depth": depth,
         "first_s": first,
-        "dynamo_s": stages.get("bytecode_tracing", 0.0),
-        "aot_s": stages.get("create_aot_dispatcher_function", 0.0),
-        "xla_compile_s": (xla[1] / 1e9) if xla else 0.0,
+        **{k: stages[k] for k in ("dynamo_s", "aot_s", "xla_compile_s")},
         "step_ms": steady * 1e3,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

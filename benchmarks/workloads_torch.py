@@ -198,7 +198,7 @@ def run(system: str, workload: str, trips: int, *, base: dict, **kw: Any) -> Non
         import torch_xla.debug.metrics as met
 
         import xla_loop_backend  # noqa: F401  (registers the backend; PJRT_DEVICE)
-        from xla_loop_backend.metrics import device_counts
+        from xla_loop_backend.metrics import device_counts, first_call_stages
 
         dev = torch_xla.device()
 
@@ -217,18 +217,7 @@ def run(system: str, workload: str, trips: int, *, base: dict, **kw: Any) -> Non
                     "host_syncs": counts["host_syncs"], "transfers": counts["transfers_from_device"]}
 
         counters = (met.clear_all, read)
-
-        def stages() -> dict[str, float]:
-            """Where the first call went: Dynamo's tracing, AOTAutograd (xla_loop's passes and
-            lowering included), the lowering alone, making the executable (trace and XLA
-            compile), and XLA's compile alone."""
-            from torch._dynamo.utils import compilation_time_metrics
-
-            timed = {name: sum(values) for name, values in compilation_time_metrics.items()}
-            xla = met.metric_data("CompileTime")
-            return {"dynamo_s": timed.get("bytecode_tracing", 0.0), "aot_s": timed.get("create_aot_dispatcher_function", 0.0),
-                    "lowering_s": timed.get("xla_loop_lowering", 0.0), "executable_s": timed.get("xla_loop_executable", 0.0),
-                    "xla_compile_s": xla[1] / 1e9 if xla else 0.0}
+        stages = first_call_stages
     else:
         dev = torch.device("cpu")
         stages = None

@@ -11,10 +11,12 @@ torch.compile on XLA tensors.
 """
 from __future__ import annotations
 
-from ._device import apply_cpu_defaults, select_default_device
+import xla_loop_cpu_defaults
+
+from ._device import select_default_device
 
 select_default_device()
-apply_cpu_defaults()
+xla_loop_cpu_defaults.apply()  # (before torch_xla starts its client; see that module)
 
 from .api import cond, fori_loop, scan, while_loop  # noqa: E402
 from .backend import compile, compile_graph, xla_loop  # noqa: E402

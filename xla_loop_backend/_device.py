@@ -1,13 +1,12 @@
-"""Runtime choices made before torch_xla starts its client, where the user made none:
-the PJRT device, and the CPU defaults for loops (`xla_loop_cpu_defaults.py`, which torch_xla
-also applies itself when it is imported, through its plugin entry point)."""
+"""Runtime choices made before torch_xla starts its client, where the user made none: the
+PJRT device here, and the CPU defaults for loops in `xla_loop_cpu_defaults.py` (which
+torch_xla also applies itself when it is imported, through its plugin entry point)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
-import xla_loop_cpu_defaults
+from xla_loop_cpu_defaults import accelerator_runtime_installed
 
 
 def select_default_device() -> None:
@@ -18,11 +17,5 @@ def select_default_device() -> None:
     """
     if "PJRT_DEVICE" in os.environ or "torch_xla" in sys.modules:
         return
-    if importlib.util.find_spec("libtpu") is None and importlib.util.find_spec("libneuronxla") is None:
+    if not accelerator_runtime_installed():
         os.environ["PJRT_DEVICE"] = "CPU"
-
-
-def apply_cpu_defaults() -> None:
-    """The CPU defaults, where the user set none (see `xla_loop_cpu_defaults`). Has an effect
-    only before torch_xla's client starts."""
-    xla_loop_cpu_defaults.apply()

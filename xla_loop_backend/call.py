@@ -127,12 +127,14 @@ class BridgeCall:
         if isinstance(self.compiled, Executable):  # (made outside SPMD only: no sharding to check)
             result = self.compiled(*args)
         else:
-            result = self._through_bridge(args)
+            result = self._call_compiling_if_needed(args)
         if not self.lowered.scalar_outputs:
             return result
         return _scalars_at(result, self.lowered.scalar_outputs)
 
-    def _through_bridge(self, args: Sequence[Any]) -> Any:
+    def _call_compiling_if_needed(self, args: Sequence[Any]) -> Any:
+        """The first call (it compiles), and every call through the bridge (under SPMD it
+        compiles again when an input's sharding changed)."""
         shardings = _input_shardings(args)
         if self.compiled is None or shardings != self.input_shardings:
             if self.compiled is not None:  # (SPMD) an input's sharding changed: trace again
@@ -149,28 +151,26 @@ class BridgeCall:
 
 def _compiled(gm: torch.fx.GraphModule, args: Sequence[Any]) -> Callable[..., Any]:
     """The graph's executable: traced once and called directly (`executable.py`), or,
-    where that path does not apply, through torch_xla's bridge."""
-    import torch_xla
+    where that path does not apply, through torch_xla's bridge. Both trace a copy of the
+    graph (each rewrites the module it is given; the lowered graph stays as it is, for a
+    retrace) on the same stand-ins for the args."""
     from torch._dynamo.utils import dynamo_timed
 
     with dynamo_timed("xla_loop_executable"):  # (a stage of the first call in Dynamo's compile times)
-        try:
-            own = trace_once(gm, _private_scalars(args), args)
-        except Exception:
-            torch_xla._XLAC._clear_pending_irs(str(torch_xla.device()))
-            raise
-        return own if own is not None else _extract_compiled_graph(gm, args)
+        fresh = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        trace_args = _private_scalars(args)
+        own = trace_once(fresh, trace_args, args)
+        return own if own is not None else _extract_compiled_graph(fresh, trace_args)
 
 
-def _extract_compiled_graph(gm: torch.fx.GraphModule, args: Sequence[Any]) -> Callable[..., Any]:
+def _extract_compiled_graph(gm: torch.fx.GraphModule, trace_args: Sequence[Any]) -> Callable[..., Any]:
+    """torch_xla's bridge on `gm`, which it partitions in place."""
     import torch_xla
     from torch_xla._dynamo import dynamo_bridge
 
     try:
         with _bridge_sharding_check_off():
-            # (on a copy: the bridge partitions the module it is given in place)
-            fresh = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-            return dynamo_bridge.extract_compiled_graph(fresh, _spmd_trace_args(_private_scalars(args)))
+            return dynamo_bridge.extract_compiled_graph(gm, _spmd_trace_args(trace_args))
     except Exception:
         # Drop what the failed trace left behind, so the next compile starts clean.
         torch_xla._XLAC._clear_pending_irs(str(torch_xla.device()))

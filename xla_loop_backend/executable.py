@@ -23,7 +23,6 @@ runs those nodes outside the executable), and a graph that reads torch_xla's RNG
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Sequence
 
 import torch
@@ -119,30 +118,30 @@ def _traceable_here(gm: torch.fx.GraphModule, args: Sequence[Any]) -> bool:
 def trace_once(gm: torch.fx.GraphModule, trace_args: Sequence[Any], args: Sequence[Any]) -> Executable | None:
     """The graph compiled by one trace on `trace_args` (stand-ins of `args`: see
     `call._private_scalars`), or None where the bridge must compile it (see the module
-    docstring). Leaves no pending IR behind either way."""
+    docstring). Moves `gm`'s tensor constructors onto the device, in place (as the bridge
+    does): give it a copy. Leaves no pending IR behind, also when it raises."""
     import torch_xla
     from torch_xla._dynamo.dynamo_bridge import XLAConstructorMoverPass
     from torch_xla.utils.buffer_donor_context import alias_with_buffer_donor_config
 
     if not _traceable_here(gm, args):
         return None
-    fresh = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    XLAConstructorMoverPass()(fresh.graph)  # tensor constructors on the CPU -> on the device
-    fresh.recompile()
+    XLAConstructorMoverPass()(gm.graph)  # tensor constructors on the CPU -> on the device
+    gm.recompile()
     xla = torch_xla._XLAC
-    for a in args:  # (torch_xla's tensors wrap functional views: bring them up to date)
-        torch._functionalize_sync(a)
-    # Every live tensor a device buffer first (the bridge does this too), so the traced
-    # graph's parameters are the inputs' buffers, and dropping the traced IR at the end
-    # drops nothing else.
-    torch_xla.sync(reset_scope=False)
-    # (as the bridge does: restores an input the graph updated in place, which the static
-    # check should have caught)
-    saved = [torch.clone(a) for a in trace_args]
     try:
+        for a in args:  # (torch_xla's tensors wrap functional views: bring them up to date)
+            torch._functionalize_sync(a)
+        # Every live tensor a device buffer first (the bridge does this too), so the traced
+        # graph's parameters are the inputs' buffers, and dropping the traced IR at the end
+        # drops nothing else.
+        torch_xla.sync(reset_scope=False)
+        # (as the bridge does: restores an input the graph updated in place, which the static
+        # check should have caught)
+        saved = [torch.clone(a) for a in trace_args]
         before = _fallback_counts()
         try:
-            out = _DeviceChecker(fresh).run(*trace_args)
+            out = _DeviceChecker(gm).run(*trace_args)
         except _OnDeviceOnly:
             return None
         updated = xla._check_tensor_need_materialization(list(trace_args))

@@ -51,3 +51,23 @@ def device_counts() -> dict[str, int]:
         "host_syncs": int(met.counter_value("aten::_local_scalar_dense") or 0),
         "transfers_from_device": samples("TransferFromDeviceTime"),
     }
+
+
+def first_call_stages() -> dict[str, float]:
+    """Where a process's compiles went, in seconds (read after a first call: the benchmarks
+    split it so): Dynamo's bytecode tracing, AOTAutograd (xla_loop's passes and lowering
+    included), the lowering alone, making the executables (trace and XLA compile), and XLA's
+    compile alone (torch_xla's CompileTime). From Dynamo's compile times, which xla_loop's
+    stages join (`dynamo_timed`)."""
+    import torch_xla.debug.metrics as met
+    from torch._dynamo.utils import compilation_time_metrics
+
+    timed = {name: sum(values) for name, values in compilation_time_metrics.items()}
+    xla = met.metric_data("CompileTime")
+    return {
+        "dynamo_s": timed.get("bytecode_tracing", 0.0),
+        "aot_s": timed.get("create_aot_dispatcher_function", 0.0),
+        "lowering_s": timed.get("xla_loop_lowering", 0.0),
+        "executable_s": timed.get("xla_loop_executable", 0.0),
+        "xla_compile_s": xla[1] / 1e9 if xla else 0.0,
+    }

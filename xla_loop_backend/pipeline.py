@@ -16,7 +16,8 @@
       │    distinct_outputs  keeps the bridge from mixing up outputs (a torch_xla bug)
       │    keyed_by_wiring   keeps torch_xla from running another graph's executable (a bug)
       ▼
-    torch_xla's bridge: one cached executable per graph (call.BridgeCall); around the whole
+    one cached executable per graph (call.BridgeCall), traced once and called directly
+    (executable.py), or torch_xla's bridge where that does not apply; around the whole
     function, call.ReportingCall reads the loops' report once per call, and (inference)
     call.StackedOnce passes rolled layers' weights stacked once.
 
@@ -156,7 +157,7 @@ def compile_graph(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any], layout: GradientLayout | None = None, backward: bool = False
 ) -> Callable[..., Any]:
     """The graph compiler AOTAutograd calls for each graph: the passes after AOTAutograd,
-    the lowering driver, then torch_xla's bridge (`call.BridgeCall`)."""
+    the lowering driver, then the graph's executable (`call.BridgeCall`)."""
     try:
         for graph_pass in AFTER_AUTOGRAD:
             graph_pass.run(gm)
