@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# The fuzzers' long mode: ./dev fuzz {grad|forward} PROGRAMS [FIRST_SEED] [JOBS]
+# The fuzzers' long mode: ./dev fuzz {grad|forward|wiring} PROGRAMS [FIRST_SEED] [JOBS]
 #
-# Runs PROGRAMS new random programs in processes of at most 250 (seeds FIRST_SEED,
+# Runs PROGRAMS new random programs (for wiring: families of up to 4 programs that differ
+# in one place) in processes of at most 250 (wiring: 60 families) (seeds FIRST_SEED,
 # FIRST_SEED+1, ...), JOBS processes at a time (default 1). A process that has compiled
 # some hundreds of programs can crash inside torch_xla (seen once, at about 330), so each
 # process stays under that. Logs go to fuzz-logs/: KIND_SEED.log (pytest's output, with
 # a failure's shrunk program) and, for grad, KIND_SEED.programs (each program before it
 # runs: the last one is the culprit if a process dies). Exits non-zero if any process failed.
 set -uo pipefail
-usage="usage: ./dev fuzz grad|forward PROGRAMS [FIRST_SEED] [JOBS]"
+usage="usage: ./dev fuzz grad|forward|wiring PROGRAMS [FIRST_SEED] [JOBS]"
 kind="${1:?$usage}"; total="${2:?$usage}"
 first="${3:-1}"; jobs="${4:-1}"; chunk=250
 case "$kind" in
   grad) file=tests/test_grad_fuzz.py; count=XLA_LOOP_GRAD_FUZZ_EXAMPLES; seedvar=XLA_LOOP_GRAD_FUZZ_SEED ;;
   forward) file=tests/test_fuzz.py; count=XLA_LOOP_FUZZ_EXAMPLES; seedvar=XLA_LOOP_FUZZ_SEED ;;
-  *) echo "fuzz: KIND is grad or forward" >&2; exit 2 ;;
+  wiring) file=tests/test_wiring_fuzz.py; count=XLA_LOOP_WIRING_FUZZ_EXAMPLES; seedvar=XLA_LOOP_WIRING_FUZZ_SEED; chunk=60 ;;
+  *) echo "fuzz: KIND is grad, forward or wiring" >&2; exit 2 ;;
 esac
 mkdir -p fuzz-logs
 run_seed() {  # seed programs

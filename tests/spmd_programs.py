@@ -247,11 +247,6 @@ def training_steps_replicated() -> dict:
     return _training_steps("scan", None, shard=False)
 
 
-def openxla_training_steps() -> dict:
-    # The same program (Python loops: openxla has no loop lowering) on torch_xla's backend.
-    return _training_steps("python", "openxla", shard=False)
-
-
 def resharded_input() -> dict:
     # The same shapes called with another input sharding: traced again, right both times.
     mesh = xs.Mesh(np.arange(4), (2, 2), ("data", "model"))
@@ -271,7 +266,7 @@ def resharded_input() -> dict:
 
 CASES = {f.__name__: f for f in (data_parallel_while, data_parallel_scan, tensor_parallel_mlp, conflicting_shardings,
                                    constraint_in_body, training_through_sharded_scan, training_steps_scan,
-                                   training_steps_while, training_steps_replicated, openxla_training_steps, resharded_input)}
+                                   training_steps_while, training_steps_replicated, resharded_input)}
 
 if __name__ == "__main__":
     print(json.dumps({"case": sys.argv[1], **CASES[sys.argv[1]]()}))

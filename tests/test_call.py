@@ -1,10 +1,9 @@
-"""call.py: the call-time wrappers. BridgeCall reads int results back once; ReportingCall
+"""call.py: the call-time wrappers. GraphCall reads int results back once; ReportingCall
 reads the loops' report once per call, raises past max_iterations, and grows the stack of
 trained while_loops by recompiling and rerunning the call."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -97,37 +96,15 @@ def test_int_results_are_read_back_once_per_call():
     assert delta.host_syncs == 2 and delta.compiles == 0
 
 
-def test_the_bridge_partitions_a_copy_so_the_graph_can_be_traced_again():
-    # torch_xla's bridge fuses the module it is given in place; BridgeCall hands it a copy,
-    # so that a retrace (SPMD: an input with a new sharding) starts from the lowered graph.
-    from xla_loop_backend.call import BridgeCall
-    from xla_loop_backend.lowering.driver import LoweredGraph
+def test_a_gradient_of_a_cpu_tensor_comes_back_on_the_cpu():
+    # (autograd checks a gradient's device against its input's)
+    def f(x, scale):
+        return while_loop(lambda i, x: i < 3, lambda i, x: (i + 1, x * scale), (torch.zeros((), dtype=torch.int64), x))[1]
 
-    gm = torch.fx.symbolic_trace(lambda x: torch.tanh(x) * 2)
-    before = str(gm.graph)
-    call = BridgeCall(LoweredGraph(gm, 0))
-    x = torch.randn(3, device=xla_device())
-    torch.testing.assert_close(call(x).cpu(), torch.tanh(x.cpu()) * 2)
-    assert str(gm.graph) == before and not any("fused" in n.name for n in gm.graph.nodes)
-
-
-def test_outside_spmd_the_bridge_traces_with_the_args_themselves():
-    from xla_loop_backend.call import _input_shardings, _spmd_trace_args
-
-    args = [torch.randn(2, 2, device=xla_device()), 3]
-    assert all(a is b for a, b in zip(_spmd_trace_args(args), args))
-    assert _input_shardings(args) is None
-
-
-@pytest.mark.parametrize("before", [None, "7"])
-def test_the_bridges_sharding_check_is_off_only_while_it_compiles(before, monkeypatch):
-    from xla_loop_backend.call import _bridge_sharding_check_off
-
-    name = "XLA_DYNAMO_INPUT_SHARDING_CHECK_THRESHOLD"
-    if before is None:
-        monkeypatch.delenv(name, raising=False)
-    else:
-        monkeypatch.setenv(name, before)
-    with _bridge_sharding_check_off():
-        assert os.environ[name] == "0"
-    assert os.environ.get(name) == before
+    scale = torch.tensor(1.5, requires_grad=True)  # a 0-dim CPU tensor, as eager allows
+    x = torch.ones(2, device=xla_device(), requires_grad=True)
+    out = xla_loop_backend.compile(f, fullgraph=True)(x, scale)
+    out.sum().backward()
+    assert scale.grad is not None and scale.grad.device.type == "cpu"
+    torch.testing.assert_close(scale.grad, torch.tensor(2 * 3 * 1.5**2))
+    torch.testing.assert_close(x.grad.cpu(), torch.full((2,), 1.5**3))

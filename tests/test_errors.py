@@ -273,3 +273,33 @@ def test_without_max_iterations_a_loop_is_not_counted():
     with MetricsDelta() as delta:
         compiled(torch.tensor(9, device=dev), torch.ones(2, device=dev))
     assert (delta.compiles, delta.host_syncs, delta.transfers_from_device) == (0, 0, 0)
+
+
+_OP_ON_THE_CPU_IN_A_BODY = """
+import traceback, torch, torch_xla
+import xla_loop_backend as xl
+
+@xl.compile(fullgraph=True)
+def f(x):
+    return xl.fori_loop(0, 3, lambda i, x: torch.lgamma(x) * 0.1 + 1, x)
+
+try:
+    f(torch.rand(3, device=torch_xla.device()) + 1)
+except xl.LoopLoweringError as error:
+    # every frame's values, as pytest's long tracebacks and debuggers show them
+    traceback.TracebackException.from_exception(error, capture_locals=True).format()
+    print("ERROR", str(error).splitlines()[0])
+print("alive", f.__name__)
+"""
+
+
+def test_an_op_torch_xla_runs_on_the_cpu_inside_a_body_is_an_error_whose_traceback_prints():
+    # Traced on placeholders (no device buffer), the op would read one back and abort the
+    # process; so would printing a traceback's frames that still held one.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _OP_ON_THE_CPU_IN_A_BODY], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ERROR scan at <string>:7" in done.stdout and "torch_xla runs aten::lgamma on the CPU" in done.stdout
+    assert "alive" in done.stdout

@@ -32,7 +32,7 @@ REGRESSIONS = {
     # torch_xla keeps one device buffer per scalar constant, and `torch.tensor(3).to(xla)`
     # got that buffer: traced with n = 3 next to the constant 3 of `% 3`, the bridge baked
     # n in, so the call with n = 2 silently ran 3 iterations (openxla does the same).
-    # Fixed by backend._private_scalars.
+    # Fixed: executable.py traces a 0-dim argument on a buffer of its own.
     "trip count equal to a constant in the body": LoopProgram(
         source=(
             "def program(n, c0, w3, w4):\n"

@@ -32,7 +32,8 @@ REGRESSIONS = {
     ),
     # The forward graph returned clones of one loop result (and of inputs); torch_xla's
     # bridge then handed the outputs back in the wrong order: the loss came back as a
-    # (2, 1) tensor. Fixed: torch_xla_fixes.DISTINCT_OUTPUTS, for any shared value.
+    # (2, 1) tensor. Fixed: xla_loop runs its own executables (executable.py), which return
+    # every output in its place.
     "outputs sharing a value": TrainingProgram(
         source=(
             'class Program(torch.nn.Module):\n'
@@ -160,6 +161,6 @@ def test_a_program_differing_only_in_a_loop_bound_gets_an_executable_of_its_own(
     # Found as a run of programs in one process: after a program whose second loop ran to
     # n, the same program with the loop running to m (both already used before it) computed
     # with n: torch_xla's graph hash could not tell the two apart (pytorch/xla#8353), so the
-    # second reused the first's executable. Fixed: torch_xla_fixes.KEYED_BY_WIRING.
+    # second reused the first's executable. Fixed: executable.py keys programs by their HLO.
     check_training_program(_bounded_by("n"))
     check_training_program(_bounded_by("m"))

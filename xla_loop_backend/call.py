@@ -1,11 +1,12 @@
 """The call-time wrappers: what runs on every call of a compiled function.
 
-- `BridgeCall`, per AOTAutograd graph (forward, backward): builds the graph's cached
-  executable on the first call (tracing needs real device inputs), traced once and called
-  directly (`executable.py`), or through torch_xla's bridge where that does not apply (SPMD,
-  CPU fallback ops, RNG, a mutated input). It calls it, and reads the graph's Python int and
-  bool results back (once, after the whole graph ran). Under SPMD, the backward's gradients
-  are laid out like their inputs (`GradientLayout`).
+- `GraphCall`, per AOTAutograd graph (forward, backward): makes the graph's program on the
+  first call (tracing needs real device inputs; `segments.program`: one executable,
+  `executable.py`, or device parts and host steps), and one more for each new value of a
+  Python number input or, under SPMD, each new sharding of the inputs. It calls it, reads
+  the graph's Python int and bool results back (once, after the whole graph ran), and gives
+  gradients of CPU tensors back on the CPU. Under SPMD, the backward's gradients are laid
+  out like their inputs (`GradientLayout`).
 - `ReportingCall`, around the whole compiled function when its graph has bounded or
   trained while_loops (`passes/while_loops.py`): reads the loops' report (one scalar, one
   host read per call, none per iteration); raises if a loop was still running after
@@ -14,18 +15,16 @@
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-import os
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from . import metrics
 from .errors import LoopLoweringError
-from .executable import Executable, trace_once
 from .lowering.driver import LoweredGraph
 from .lowering.sharding import pinned, shardings_of
+from .lowering.subgraph import is_symbolic_scalar
+from .segments import program
 
 
 class GradientLayout:
@@ -33,7 +32,7 @@ class GradientLayout:
     parameter gets a sharded gradient, not whatever XLA's propagation picks). The forward
     graph's first call records its inputs' shardings; the backward graph, whose outputs are
     the gradients of those inputs in the same order, pins each output to its input's
-    sharding before the bridge compiles it. Outside SPMD nothing is recorded."""
+    sharding before it is compiled. Outside SPMD nothing is recorded."""
 
     def __init__(self) -> None:
         self.input_shardings: list[Any] | None = None
@@ -113,92 +112,72 @@ def _identity(args: Sequence[Any], groups: list[tuple[int, ...]]) -> tuple[Any, 
     )
 
 
-class BridgeCall:
-    """Calls a lowered graph's executable (see the module docstring): its own, traced once
-    (`executable.py`), or, where that does not apply, through torch_xla's bridge."""
+class GraphCall:
+    """Runs one AOTAutograd graph (see the module docstring): its program, made on the first
+    call from the real arguments (`segments.program`), one per value of the graph's Python
+    number inputs and, under SPMD, per sharding of its inputs (checked every call there)."""
 
     def __init__(self, lowered: LoweredGraph, layout: GradientLayout | None = None, backward: bool = False):
         self.lowered = lowered
-        self.compiled: Callable[..., Any] | None = None
         self.layout, self.backward = layout, backward
-        self.input_shardings: tuple[str, ...] | None = None
+        placeholders = lowered.module.graph.find_nodes(op="placeholder")
+        self.numbers = [i for i, p in enumerate(placeholders) if is_symbolic_scalar(p.meta.get("val"))]
+        self.programs: dict[Any, Callable[..., Any]] = {}
+        self.only: Callable[..., Any] | None = None  # the one program, when nothing keys it
+        self.to_cpu = _gradients_on_cpu(lowered.module) if backward else []
 
     def __call__(self, *args: Any) -> Any:
-        if isinstance(self.compiled, Executable):  # (made outside SPMD only: no sharding to check)
-            result = self.compiled(*args)
-        else:
-            result = self._call_compiling_if_needed(args)
-        if not self.lowered.scalar_outputs:
-            return result
-        return _scalars_at(result, self.lowered.scalar_outputs)
+        compiled = self.only if self.only is not None else self._program(args)
+        result = compiled(*args)
+        if self.lowered.scalar_outputs:
+            result = _scalars_at(result, self.lowered.scalar_outputs)
+        if self.to_cpu:
+            result = _moved_to_cpu(result, self.to_cpu)
+        return result
 
-    def _call_compiling_if_needed(self, args: Sequence[Any]) -> Any:
-        """The first call (it compiles), and every call through the bridge (under SPMD it
-        compiles again when an input's sharding changed)."""
+    def _program(self, args: Sequence[Any]) -> Callable[..., Any]:
         shardings = _input_shardings(args)
-        if self.compiled is None or shardings != self.input_shardings:
-            if self.compiled is not None:  # (SPMD) an input's sharding changed: trace again
-                metrics.increment(metrics.SHARDING_RETRACES)
-            if self.layout is not None:
-                if not self.backward:
-                    self.layout.record(args)
-                elif self.compiled is None:
-                    self.layout.pin_gradients(self.lowered.module)
-            self.compiled = _compiled(self.lowered.module, args)
-            self.input_shardings = _input_shardings(args)
-        return self.compiled(*args)
+        key = (tuple(args[i] for i in self.numbers), shardings)
+        compiled = self.programs.get(key)
+        if compiled is None:
+            compiled = self.programs[key] = self._compile(args, shardings)
+            if not self.numbers and shardings is None:
+                self.only = compiled
+        return compiled
+
+    def _compile(self, args: Sequence[Any], shardings: tuple[str, ...] | None) -> Callable[..., Any]:
+        from torch._dynamo.utils import dynamo_timed
+
+        if self.layout is not None:
+            if not self.backward:
+                self.layout.record(args)
+            elif not self.programs:
+                self.layout.pin_gradients(self.lowered.module)
+        if shardings is not None and any(key[1] != shardings for key in self.programs):
+            metrics.increment(metrics.SHARDING_RETRACES)  # (SPMD) an input's sharding changed
+        with dynamo_timed("xla_loop_executable"):  # (a stage of the first call in Dynamo's compile times)
+            return program(self.lowered.module, args)
 
 
-def _compiled(gm: torch.fx.GraphModule, args: Sequence[Any]) -> Callable[..., Any]:
-    """The graph's executable: traced once and called directly (`executable.py`), or,
-    where that path does not apply, through torch_xla's bridge. Both trace a copy of the
-    graph (each rewrites the module it is given; the lowered graph stays as it is, for a
-    retrace) on the same stand-ins for the args."""
-    from torch._dynamo.utils import dynamo_timed
-
-    with dynamo_timed("xla_loop_executable"):  # (a stage of the first call in Dynamo's compile times)
-        fresh = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-        trace_args = _private_scalars(args)
-        own = trace_once(fresh, trace_args, args)
-        return own if own is not None else _extract_compiled_graph(fresh, trace_args)
+def _gradients_on_cpu(gm: torch.fx.GraphModule) -> list[int]:
+    """The outputs of a backward graph that are gradients of CPU tensors: they leave the
+    device (autograd checks a gradient's device against its input's)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = output.args[0] if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    return [
+        i
+        for i, o in enumerate(outs)
+        if isinstance(o, torch.fx.Node) and isinstance(o.meta.get("val"), torch.Tensor) and o.meta["val"].device.type == "cpu"
+    ]
 
 
-def _extract_compiled_graph(gm: torch.fx.GraphModule, trace_args: Sequence[Any]) -> Callable[..., Any]:
-    """torch_xla's bridge on `gm`, which it partitions in place."""
-    import torch_xla
-    from torch_xla._dynamo import dynamo_bridge
-
-    try:
-        with _bridge_sharding_check_off():
-            return dynamo_bridge.extract_compiled_graph(gm, _spmd_trace_args(trace_args))
-    except Exception:
-        # Drop what the failed trace left behind, so the next compile starts clean.
-        torch_xla._XLAC._clear_pending_irs(str(torch_xla.device()))
-        raise
-
-
-_PLACEHOLDER = 1  # what scalar inputs hold while the bridge traces (a loop bound of 1 ends)
-
-
-def _private_scalars(args: Sequence[Any]) -> list[Any]:
-    """The args, each 0-dim XLA tensor replaced by a placeholder in a buffer of its own.
-
-    torch_xla keeps one device buffer per scalar constant value, and `torch.tensor(3).to(xla)`
-    may hand out that same buffer. Traced with such an input, the bridge cannot tell the
-    input from the constant 3 in the graph, and the executable bakes in the first call's
-    value: every later call silently reuses it (seen with openxla too; the fuzzer found it).
-    Tracing with a private buffer keeps the input an input (a host-to-device copy, which
-    torch_xla does not cache); every call, the first too, then takes the real value by position.
-    """
-    import torch_xla
-
-    copies = list(args)
-    for i, a in enumerate(args):
-        if isinstance(a, torch.Tensor) and a.device.type == "xla" and a.dim() == 0:
-            # Tracing does not read the value; a new buffer costs no sync and no compile.
-            placeholder = torch.full((), _PLACEHOLDER, dtype=a.dtype)
-            (copies[i],) = torch_xla._XLAC._xla_tensors_from_aten([placeholder], [str(a.device)])
-    return copies
+def _moved_to_cpu(result: Any, positions: list[int]) -> Any:
+    single = not isinstance(result, (list, tuple))
+    values = [result] if single else list(result)
+    for i in positions:
+        if isinstance(values[i], torch.Tensor):
+            values[i] = values[i].cpu()
+    return values[0] if single else type(result)(values)
 
 
 def _input_shardings(args: Sequence[Any]) -> tuple[str, ...] | None:
@@ -211,66 +190,6 @@ def _input_shardings(args: Sequence[Any]) -> tuple[str, ...] | None:
         return None
     tensors = [a for a in args if isinstance(a, torch.Tensor) and a.device.type == "xla"]
     return tuple(spec or "{replicated}" for spec in torch_xla._XLAC._get_xla_sharding_specs(tensors))
-
-
-@contextlib.contextmanager
-def _bridge_sharding_check_off() -> Iterator[None]:
-    """The bridge's own per-call check of input shardings, off for what it compiles now.
-
-    It compares sharding strings, so an input not yet uploaded ('') differs from the
-    replicated one it was traced with: under SPMD a training step's fresh batch made it
-    retrace the forward on every call, and its retrace traces with the real args (see
-    `_spmd_trace_args`). `BridgeCall` checks instead (`_input_shardings`), on every call.
-    """
-    name = "XLA_DYNAMO_INPUT_SHARDING_CHECK_THRESHOLD"  # read once per graph, at compile
-    saved = os.environ.get(name)
-    os.environ[name] = "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = saved
-
-
-def _spmd_trace_args(args: Sequence[Any]) -> list[Any]:
-    """Under SPMD: the args the bridge traces with, each XLA tensor replaced by a new
-    tensor on the same device buffer (no copy; same sharding). Each call then takes the
-    real args by position.
-
-    The bridge tells a graph's arguments from its constants by the tensor id each device
-    buffer is tagged with, and under SPMD its own lookup of a traced graph's buffers
-    (`_get_tensors_xla_device_data_node`) re-tags every buffer it visits with the id of a
-    new tensor it wraps the buffer in. So the next graph traced on the same tensor (a
-    training step's backward after its forward, or a second compiled function on the same
-    parameters) no longer recognises it as an argument and bakes in its current value:
-    after an optimizer step updates the parameters, that graph silently computes with the
-    old ones (wrong gradients from the second step on; torch_xla's own `openxla` backend
-    does it too, and `tests/test_spmd.py` notices when it stops). A tensor wrapped on the
-    buffer by that same lookup is tagged with its own id, so tracing with it keeps every
-    argument an argument. The args are first made device buffers of their own (uploaded,
-    or computed if pending: as the bridge's first call would), so that the bridge's own
-    sync before tracing re-tags nothing. Outside SPMD the lookup re-tags nothing, and the
-    args are returned as they are.
-    """
-    import torch_xla
-    import torch_xla.runtime as xr
-
-    if not xr.is_spmd():
-        return list(args)
-    xla = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.device.type == "xla"]
-    if xla:
-        torch_xla._XLAC._xla_sync_multi([args[i] for i in xla], devices=[], wait=True, sync_xla_data=True)
-    # An arg computed by an earlier asynchronous sync may still be a placeholder, and
-    # torch_xla's lookup crashes the process on one: wait (the bridge waits here too).
-    torch_xla._XLAC._xla_wait_device_ops(devices=[])
-    stand_ins = list(args)
-    for i in xla:
-        _, buffers = torch_xla._XLAC._get_tensors_xla_device_data_node([args[i]])
-        if len(buffers) == 1 and buffers[0].shape == args[i].shape and buffers[0].dtype == args[i].dtype:
-            stand_ins[i] = buffers[0]
-    return stand_ins
 
 
 def _scalars_at(result: Any, types: dict[int, type]) -> Any:

@@ -1,12 +1,13 @@
 """xla_loop's own counters: loops lowered, subgraphs traced, host-loop fallbacks,
 recompiles to grow the stack of trained while_loops, (SPMD) traces again because an
-input's sharding changed, layers rolled into a scan (one per call of a rolled chain), and
-(inference) stackings of rolled layers' weights, made again only when a weight changed.
+input's sharding changed, layers rolled into a scan (one per call of a rolled chain),
+(inference) stackings of rolled layers' weights, made again only when a weight changed, and
+the execution paths of graphs (`executable.py`): graphs run as one program, graphs split
+around host steps (`segments.py`), and XLA programs compiled by xla_loop.
 
-They live here rather than in torch_xla's counter registry because torch_xla's dynamo
-bridge clears that registry while it partitions a graph (`metrics.clear_counters()` per
-node), which would erase them. Read torch_xla's metrics (compiles, executions,
-`aten::_local_scalar_dense`) from `torch_xla.debug.metrics` as usual.
+They live here, apart from torch_xla's counter registry, which a user (or torch_xla's own
+dynamo bridge, for graphs compiled with `openxla`) may clear. Read torch_xla's metrics
+(compiles, executions, `aten::_local_scalar_dense`) from `torch_xla.debug.metrics` as usual.
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ CAPACITY_GROWTHS = "capacity_growths"
 SHARDING_RETRACES = "sharding_retraces"
 LAYERS_ROLLED = "layers_rolled"
 LAYER_STACKINGS = "layer_stackings"
+GRAPHS_ONE_PROGRAM = "graphs_one_program"
+GRAPHS_SEGMENTED = "graphs_segmented"
+PROGRAMS_COMPILED = "programs_compiled"
 
 _counters: Counter[str] = Counter()
 

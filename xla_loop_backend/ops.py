@@ -173,3 +173,11 @@ def example_value(value: Any) -> Any:
     if isinstance(value, torch.fx.Node):
         return value.meta.get("example_value", value.meta.get("val"))
     return value
+
+
+def loop_device(values: Any) -> torch.device:
+    """The device a loop's state lives on: that of its first tensor not on the CPU, else of
+    its first tensor. (Eager PyTorch lets a 0-dim CPU tensor, a counter made without
+    `device=`, mix with XLA tensors; what a pass adds to the loop goes on the XLA device.)"""
+    tensors = [t for t in values if isinstance(t, torch.Tensor)]
+    return next((t.device for t in tensors if t.device.type != "cpu"), tensors[0].device if tensors else torch.device("cpu"))

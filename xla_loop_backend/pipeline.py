@@ -10,16 +10,15 @@
       ▼
     AOTAutograd: forward and backward graphs (OP_FIXES patch torch's ops it traces)
       │  AFTER_AUTOGRAD, on each graph
+      │    on_device         tensors the graph makes on the CPU are made on the device
       │    torch_xla_fixes   rewrites around torch_xla ops that give wrong results
       │  lowering driver     control-flow nodes -> lowering rules (one XLA While each)
-      │  BEFORE_BRIDGE
-      │    distinct_outputs  keeps the bridge from mixing up outputs (a torch_xla bug)
-      │    keyed_by_wiring   keeps torch_xla from running another graph's executable (a bug)
       ▼
-    one cached executable per graph (call.BridgeCall), traced once and called directly
-    (executable.py), or torch_xla's bridge where that does not apply; around the whole
-    function, call.ReportingCall reads the loops' report once per call, and (inference)
-    call.StackedOnce passes rolled layers' weights stacked once.
+    each graph's program (call.GraphCall): one executable xla_loop traces, keys and compiles
+    itself and calls directly (executable.py), or device parts with host steps between them
+    (segments.py); around the whole function, call.ReportingCall reads the loops' report
+    once per call, (inference) call.StackedOnce passes rolled layers' weights stacked once,
+    and OnEagerDevices gives results back on the device eager PyTorch puts them on.
 
 Ordering constraints:
 - `roll_layers` first: the scans it makes then meet every later pass as the user's own.
@@ -31,12 +30,11 @@ Ordering constraints:
   (before or after `reports`: the segmented scan passes extra ys through).
 - OP_FIXES before anything traces a loop op (installed at import): they fix the op itself,
   so they reach loops at every depth, also those the passes make, and eager calls.
+- `on_device` first after AOTAutograd: the passes before it and AOTAutograd itself trace
+  with eager's devices (a CPU counter stays a CPU fake tensor), and every graph AOTAutograd
+  makes, forward and backward, has its CPU tensors moved before anything runs it.
 - `torch_xla_fixes` before the lowering driver: it rewrites ops inside loop bodies, which
   the driver stages as XLA computations.
-- `distinct_outputs` after the lowering driver, which finds the graph's int outputs by their
-  nodes: it only wraps the outputs the bridge sees.
-- `keyed_by_wiring` last: its digest is of the graph as the bridge traces it, every rewrite
-  included.
 
 `compile` runs the pipeline; the backend (`backend.xla_loop`), `inspect.lowered_hlo` and the
 tests all go through it.
@@ -53,17 +51,16 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import dynamo_timed
 
-from .call import BridgeCall, GradientLayout, ReportingCall, StackedOnce, stacks_of
+from .call import GradientLayout, GraphCall, ReportingCall, StackedOnce, stacks_of
 from .errors import LoopLoweringError
 from .fallback import warn_host_loop
 from .lowering.driver import lower_loops
 from .options import Options, PassContext, stack_capacity
-from .passes import reports, remat, roll_layers, torch_fixes, torch_xla_fixes, unalias, while_loops
+from .passes import on_device, reports, remat, roll_layers, torch_fixes, torch_xla_fixes, unalias, while_loops
 
 BEFORE_AUTOGRAD = (roll_layers.PASS, unalias.PASS, while_loops.PASS, reports.PASS, remat.PASS)
 OP_FIXES = torch_fixes.OP_FIXES
-AFTER_AUTOGRAD = (torch_xla_fixes.PASS,)
-BEFORE_BRIDGE = (torch_xla_fixes.DISTINCT_OUTPUTS, torch_xla_fixes.KEYED_BY_WIRING)
+AFTER_AUTOGRAD = (on_device.PASS, torch_xla_fixes.PASS)
 
 for _install in OP_FIXES:
     _install()
@@ -80,7 +77,7 @@ def compile(  # noqa: A001 - the pipeline's one entry
     """Run the pipeline on a Dynamo graph; returns the compiled function.
 
     `graph_compiler` compiles each graph AOTAutograd makes (default: `compile_graph`, the
-    passes after AOTAutograd then torch_xla's bridge; see `graph_compilers`). A loop that cannot be lowered is an
+    passes after AOTAutograd, the lowering, then the graph's program; see `graph_compilers`). A loop that cannot be lowered is an
     error under `fullgraph=True`; otherwise the graph runs eagerly with a warning."""
     fullgraph = fullgraph_requested()
     original = None if fullgraph else copy.deepcopy(gm)
@@ -111,12 +108,42 @@ def compile(  # noqa: A001 - the pipeline's one entry
             compiled = ReportingCall(
                 build, options.first_capacity(), context.reporting_loops, options.max_iterations, context.trains_loops
             )
-        return StackedOnce(compiled, context.stacked_inputs) if context.stacked_inputs else compiled
+        if context.stacked_inputs:
+            compiled = StackedOnce(compiled, context.stacked_inputs)
+        on_cpu = _results_on_cpu(gm)
+        return OnEagerDevices(compiled, on_cpu) if on_cpu else compiled
     except LoopLoweringError as error:
         if fullgraph:
             raise
         warn_host_loop(f"could not lower a loop, so its graph runs eagerly ({error})")
         return original.forward
+
+
+class OnEagerDevices:
+    """The compiled function, its results that eager PyTorch makes on the CPU (a counter
+    made without `device=`) copied there: inside, they live on the device (`on_device`)."""
+
+    def __init__(self, compiled: Callable[..., Any], positions: list[int]):
+        self.compiled, self.positions = compiled, positions
+
+    def __call__(self, *args: Any) -> Any:
+        results = list(self.compiled(*args))
+        for i in self.positions:
+            if isinstance(results[i], torch.Tensor) and results[i].device.type != "cpu":
+                results[i] = results[i].cpu()
+        return results
+
+
+def _results_on_cpu(gm: torch.fx.GraphModule) -> list[int]:
+    """The positions of the Dynamo graph's results that are CPU tensors in eager PyTorch."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = output.args[0] if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    positions = []
+    for i, out in enumerate(outs):
+        value = out.meta.get("example_value", out.meta.get("val")) if isinstance(out, torch.fx.Node) else None
+        if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+            positions.append(i)
+    return positions
 
 
 def _own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -157,20 +184,18 @@ def compile_graph(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any], layout: GradientLayout | None = None, backward: bool = False
 ) -> Callable[..., Any]:
     """The graph compiler AOTAutograd calls for each graph: the passes after AOTAutograd,
-    the lowering driver, then the graph's executable (`call.BridgeCall`)."""
+    the lowering driver, then the graph's program (`call.GraphCall`)."""
     try:
         for graph_pass in AFTER_AUTOGRAD:
             graph_pass.run(gm)
         with dynamo_timed("xla_loop_lowering"):  # (a stage of the first call in Dynamo's compile times)
             lowered = lower_loops(gm)
-        for graph_pass in BEFORE_BRIDGE:
-            graph_pass.run(lowered.module)
     except LoopLoweringError as error:
         if fullgraph_requested():
             raise
         warn_host_loop(f"could not lower a loop, so its graph runs eagerly ({error})")
         return make_boxed_func(gm.forward)
-    return make_boxed_func(BridgeCall(lowered, layout, backward))
+    return make_boxed_func(GraphCall(lowered, layout, backward))
 
 
 def fullgraph_requested() -> bool:
@@ -184,4 +209,4 @@ def fullgraph_requested() -> bool:
     return bool(getattr(tx, "one_graph", False) or getattr(tx, "error_on_graph_break", False))
 
 
-__all__ = ["AFTER_AUTOGRAD", "BEFORE_AUTOGRAD", "BEFORE_BRIDGE", "OP_FIXES", "compile", "compile_graph", "fullgraph_requested"]
+__all__ = ["AFTER_AUTOGRAD", "BEFORE_AUTOGRAD", "OP_FIXES", "compile", "compile_graph", "fullgraph_requested"]

@@ -11,7 +11,8 @@ lowered: an op with no lowering rule, or a loop body whose shapes depend on data
 other higher-order op that calls a subgraph (e.g. AOTAutograd's `auto_functionalized_v2`
 around an invoke_subgraph that mutates its inputs) is an error, not a bridge crash.
 
-Python int (and bool) results of a loop stay 0-dim device tensors inside the graph;
+Python int (and bool) results of a loop, and `.item()` values (`capture_scalar_outputs`),
+stay 0-dim device tensors inside the graph;
 `LoweredGraph` records which graph outputs the caller expects as Python scalars, and of
 which type, so they are read back once, at the end of the call.
 """
@@ -101,11 +102,15 @@ def lower_loops(gm: torch.fx.GraphModule) -> LoweredGraph:
     CHECK.run(gm, None)
     _check_no_unknown_subgraph_calls(gm)
     loops = find_loop_nodes(gm)
-    if not loops:
+    reads = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _READS]
+    if not loops and not reads:
         return LoweredGraph(gm, 0)
     device_scalars: set[torch.fx.Node] = set()
     for index, node in enumerate(loops):
         _replace_loop_node(Call.of(gm, node), index, device_scalars)
+    for node in reads:  # (`.item()`: its value stays on the device, like a loop's int result)
+        node.target = _device_item
+        device_scalars.add(node)
     _adapt_scalar_users(gm, device_scalars)
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
@@ -121,8 +126,17 @@ def lower_loops(gm: torch.fx.GraphModule) -> LoweredGraph:
     return LoweredGraph(gm, len(loops), scalar_outputs)
 
 
+_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
+
+
+def _device_item(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor.item()` kept on the device: a 0-dim tensor (read back only if returned)."""
+    return tensor.reshape(())
+
+
 def _python_type(node: torch.fx.Node) -> type:
-    return bool if isinstance(node.meta.get("val"), (bool, torch.SymBool)) else int
+    value = node.meta.get("val")
+    return bool if isinstance(value, (bool, torch.SymBool)) else float if isinstance(value, (float, torch.SymFloat)) else int
 
 
 def _replace_loop_node(call: Call, index: int, device_scalars: set[torch.fx.Node]) -> None:

@@ -58,7 +58,7 @@ class ControlFlowState:
         for k, (kind, source) in enumerate(staged.param_sources):
             if kind != "hoisted":
                 continue
-            if k == staged.seed_param:
+            if k in staged.seed_params:
                 if self.seed_index is None:
                     self.seed_index = self.add([source])[0]
                 hoisted_index[k] = self.seed_index

@@ -11,8 +11,10 @@ runs a graph node whose scalar arguments are such tensors.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import operator
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -22,7 +24,7 @@ import torch_xla
 import torch_xla.core.xla_builder as xb
 
 from .. import metrics
-from ..errors import LoopLoweringError
+from ..errors import LoopLoweringError, loop_name
 from ..ops import spec_of
 from .sharding import pinned
 
@@ -199,9 +201,91 @@ class SubgraphInterpreter(torch.fx.Interpreter):
         node = self.current_node
         if spec_of(target) is not None:
             return lower_control_flow(node, target, args, kwargs)
+        if _on_placeholders[0]:
+            check_runs_on_device(node, target, args, kwargs, self.loop)
         if not _node_touches_scalars(node):
             return target(*args, **kwargs)
         return TensorScalarCall(node, self.loop)(target, args, kwargs)
+
+
+# torch_xla 2.9's XLA kernels that hand some inputs (a dtype, a shape, an option) to its CPU
+# fallback (`call_fallback_fn` in torch_xla/csrc/aten_xla_type.cpp at v2.9.0).
+_FALLS_BACK_SOMETIMES = frozenset(
+    "aten::" + name
+    for name in (
+        "_adaptive_avg_pool2d _adaptive_avg_pool2d_backward _adaptive_avg_pool3d _adaptive_avg_pool3d_backward "
+        "_embedding_bag_backward adaptive_max_pool2d adaptive_max_pool2d_backward addmm as_strided "
+        "as_strided_scatter avg_pool2d_backward avg_pool3d_backward bernoulli bernoulli_ cumprod dot "
+        "exponential_ full linspace masked_select max_pool2d_with_indices max_pool2d_with_indices_backward "
+        "max_pool3d_with_indices max_pool3d_with_indices_backward multinomial nonzero norm normal normal_ "
+        "random_ randperm rrelu_with_noise scatter_reduce uniform_ upsample_bilinear2d_backward "
+        "upsample_nearest2d_backward _linalg_svd _linalg_eigh linalg_inv_ex _embedding_bag"
+    ).split()
+)
+
+
+@functools.cache
+def _xla_kernel(name: str) -> str:
+    """What torch_xla registered for the op: 'kernel' (its own lowering), 'fallback' (the CPU,
+    unless a key before XLA's takes the op) or 'other' (a decomposition, whose ops may fall
+    back)."""
+    for line in torch._C._dispatch_dump_table(name).splitlines():
+        if line.startswith("XLA:"):
+            return "fallback" if "[backend fallback]" in line else "kernel" if "[kernel]" in line else "other"
+    return "other"
+
+
+def _probe(fx: Any, value: Any) -> Any:
+    """Stand-ins to try an op on: zeros for its tensors, and for a Python scalar that is a
+    device tensor here (a loop's int carry), a plain number: 0, False or 1.0."""
+    if isinstance(fx, torch.fx.Node) and is_symbolic_scalar(fx.meta.get("val")):
+        meta = fx.meta["val"]
+        return False if isinstance(meta, (bool, torch.SymBool)) else 1.0 if isinstance(meta, (float, torch.SymFloat)) else 0
+    if isinstance(value, torch.Tensor):
+        return torch.zeros(value.shape, dtype=value.dtype, device=value.device)
+    if isinstance(value, (tuple, list)) and isinstance(fx, (tuple, list)) and len(fx) == len(value):
+        return type(value)(_probe(f, v) for f, v in zip(fx, value))
+    if isinstance(value, dict) and isinstance(fx, dict):
+        return {k: _probe(fx.get(k), v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_probe(None, v) for v in value)
+    return value
+
+
+def _fallback_count() -> int:
+    """How many times torch_xla ran an op on the CPU so far in this process."""
+    xla = torch_xla._XLAC
+    return sum(xla._xla_counter_value(name) for name in xla._get_executed_fallback_ops())
+
+
+def check_runs_on_device(node: torch.fx.Node | None, target: Any, args: tuple, kwargs: dict, loop: str) -> None:
+    """Before an op runs on placeholder tensors (a loop body, a branch): raise if torch_xla
+    would run it on the CPU, which reads its inputs back and, on a placeholder (no buffer),
+    aborts the process. An op with an XLA kernel that never falls back runs as it is; any
+    other (a fallback registration, which functionalization may still take before it, a
+    kernel that falls back for some inputs, a decomposition) first runs on zeros of the same
+    shapes (lazy: nothing executes unless it falls back)."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return
+    name = target._schema.name
+    kind = _xla_kernel(name)
+    if kind == "kernel" and name not in _FALLS_BACK_SOMETIMES:
+        return
+    zeros = _probe((node.args, node.kwargs) if node is not None else (args, kwargs), (args, kwargs))
+    before = _fallback_count()
+    try:
+        target(*zeros[0], **zeros[1])
+    except Exception:  # (zeros may be values the op refuses: it then meets the real trace)
+        return
+    if _fallback_count() == before:
+        return
+    where = f" ({loop_name('the op', node).removeprefix('the op ')})" if node is not None else ""
+    raise LoopLoweringError(
+        f"{loop}: `{node.format_node() if node is not None else name}`{where}: torch_xla runs {name} on "
+        "the CPU for these inputs (it has no XLA lowering for them), which inside a loop body or branch "
+        "would read the loop's values back to the host every iteration. Compute it outside the loop, "
+        "or write it with ops torch_xla lowers."
+    )
 
 
 def _node_touches_scalars(node: torch.fx.Node) -> bool:
@@ -220,24 +304,31 @@ class StagedComputation:
 
     `param_sources[k]` says where parameter k of the computation comes from: ("input", i)
     for the function's i-th input, or ("hoisted", tensor) for device data it captured.
-    `seed_param` is the parameter holding torch_xla's RNG seed, if the function draws random
-    numbers (a loop must advance it every iteration).
+    `seed_params` are the parameters holding torch_xla's RNG seed, if the function draws
+    random numbers (one per time the seed's IR chain restarted while tracing: each nested
+    loop restarts it); a loop advances the seed every iteration, a graph takes a new one
+    every call.
+    `hlo` is the serialized HLO module; `shared_inputs` lists inputs (i, j) that reached the
+    computation as one parameter because they are one device buffer (see `lower_traced`).
     """
 
     computation: Any
     outputs: list[torch.Tensor]
     param_sources: list[tuple[str, Any]] = field(default_factory=list)
-    seed_param: int | None = None
+    seed_params: list[int] = field(default_factory=list)
+    hlo: bytes = b""
+    shared_inputs: list[tuple[int, int]] = field(default_factory=list)
 
 
 @contextlib.contextmanager
-def _own_rng_root() -> Iterator[None]:
+def own_rng_root() -> Iterator[None]:
     """Random ops traced inside get an RNG seed node of their own, as do those traced after.
 
-    Mapping a computation's parameters re-stamps the identity of the device data it reads,
-    and the dynamo bridge recognises torch_xla's RNG seed by that identity to reseed it on
-    every call. Restarting the seed's IR chain (at the same running seed, so the random
-    stream is unchanged) keeps the enclosing graph's seed node out of the staged function.
+    Finding a computation's parameters (`_get_tensors_xla_device_data_node`) re-stamps the
+    identity of the device data it visits, and torch_xla's RNG seed is recognised by that
+    identity (`lower_traced`: a graph feeds it a new seed every call). Restarting the seed's
+    IR chain (at the same running seed, so the random stream is unchanged) keeps the
+    enclosing graph's seed node out of the staged function.
     """
     device = str(torch_xla.device())
     torch_xla._XLAC._xla_set_rng_seed(torch_xla._XLAC._xla_get_rng_seed(device), device)
@@ -245,6 +336,10 @@ def _own_rng_root() -> Iterator[None]:
         yield
     finally:
         torch_xla._XLAC._xla_set_rng_seed(torch_xla._XLAC._xla_get_rng_seed(device), device)
+
+
+# While > 0, ops run on placeholder tensors (no device buffer): see `check_runs_on_device`.
+_on_placeholders = [0]
 
 
 def stage_computation(
@@ -259,32 +354,63 @@ def stage_computation(
     shardings (see `sharding.py`)."""
     metrics.increment(metrics.SUBGRAPHS_TRACED)
     placeholders = [xb.create_placeholder_tensor(t.shape, t.dtype) for t in inputs]
-    with _own_rng_root():
-        outputs = fn(pinned(placeholders, carry_shardings))
-        outputs = pinned([scalar_to_tensor(o) if not isinstance(o, torch.Tensor) else o for o in outputs], carry_shardings)
+    _on_placeholders[0] += 1
+    try:
+        with own_rng_root():
+            outputs = fn(pinned(placeholders, carry_shardings))
+            outputs = pinned([scalar_to_tensor(o) if not isinstance(o, torch.Tensor) else o for o in outputs], carry_shardings)
+    except BaseException as error:
+        placeholders = []  # (see `_forget_placeholders`)
+        _forget_placeholders(error)
+        raise
+    finally:
+        _on_placeholders[0] -= 1
+    return lower_traced(name, outputs, placeholders)
+
+
+def _forget_placeholders(error: BaseException) -> None:
+    """Drop the local variables of the frames an error passed through while tracing on
+    placeholders. They hold placeholder tensors (no device buffer), and a traceback printed
+    with its frames' values (pytest's, `traceback`'s capture_locals, a debugger) would read
+    one back, which aborts the process. The error's message names the loop and the line."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+
+
+def lower_traced(name: str, outputs: Sequence[torch.Tensor], inputs: Sequence[Any]) -> StagedComputation:
+    """The XLA computation of `outputs`, traced lazily from `inputs` (tensors, or anything
+    else, which is not a parameter), and where each of its parameters comes from."""
     ctx = torch_xla._XLAC.lowering.LoweringContext(name)
     ctx.set_name_string(name)
-    ctx.build(outputs)
-    computation = xb.computation_from_module_proto(name, ctx.hlo())
+    ctx.build(list(outputs))
+    hlo = ctx.hlo()
+    computation = xb.computation_from_module_proto(name, hlo)
 
-    input_of_param = {}
-    for i, placeholder in enumerate(placeholders):
-        param_id = ctx.tensor_parameter_id(placeholder)
-        if param_id != -1:
-            input_of_param[param_id] = i
+    input_of_param: dict[int, int] = {}
+    shared: list[tuple[int, int]] = []
+    for i, value in enumerate(inputs):
+        param_id = ctx.tensor_parameter_id(value) if isinstance(value, torch.Tensor) else -1
+        if param_id == -1:
+            continue
+        if param_id in input_of_param:  # (two inputs on one device buffer: one parameter)
+            shared.append((input_of_param[param_id], i))
+            continue
+        input_of_param[param_id] = i
     # Device data the computation captured. (Not ctx.device_parameter_id_tensor_mapping():
-    # it re-wraps the data and so erases the identity of torch_xla's RNG seed, which the
-    # dynamo bridge needs to give every call fresh random numbers.)
+    # it re-wraps the data and so erases the identity of torch_xla's RNG seed.)
     hoisted: dict[int, torch.Tensor] = {}
-    seed_param = None
+    seed_params = []
     seed_id = torch_xla._XLAC._get_seed_info_id()
-    for data_id, value in zip(*torch_xla._XLAC._get_tensors_xla_device_data_node(outputs)):
+    for data_id, value in zip(*torch_xla._XLAC._get_tensors_xla_device_data_node(list(outputs))):
         param_id = ctx.tensor_parameter_id(value)
         if param_id == -1 or param_id in input_of_param:
             continue
         hoisted[param_id] = value
         if data_id == seed_id:
-            seed_param = param_id
+            seed_params.append(param_id)
 
     num_params = len(input_of_param) + len(hoisted)
     sources: list[tuple[str, Any]] = []
@@ -295,4 +421,4 @@ def stage_computation(
             sources.append(("hoisted", hoisted[param_id]))
         else:
             raise AssertionError(f"{name}: parameter {param_id} of the staged computation has no source")
-    return StagedComputation(computation, outputs, sources, seed_param)
+    return StagedComputation(computation, list(outputs), sources, seed_params, hlo, shared)

@@ -44,6 +44,7 @@ from torch._higher_order_ops.utils import (
 )
 from torch._higher_order_ops.while_loop import while_loop_op
 
+from ..ops import loop_device
 from .torch_fixes import create_bw_fn_fixed, distinct_outputs
 
 
@@ -98,7 +99,7 @@ def _zeros_int(device: torch.device) -> torch.Tensor:
 
 
 def _write_row(stack: torch.Tensor, row: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    return stack.index_copy(0, row.reshape(1), value.unsqueeze(0))
+    return stack.index_copy(0, row.reshape(1), value.to(stack.device).unsqueeze(0))
 
 
 def _read_row(stack: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
@@ -119,7 +120,7 @@ class StackedWhile(torch.autograd.Function):
     def forward(ctx: Any, spec: StackSpec, *operands: Any) -> tuple[Any, ...]:
         loop, nc = spec.loop, spec.loop.num_carries
         carries, captured = operands[:nc], operands[nc:]
-        device = carries[0].device
+        device = loop_device((*carries, *captured))
         with torch._C._AutoDispatchBelowAutograd():
             stacks = [torch.zeros((spec.rows, *c.shape), dtype=c.dtype, device=device) for c in carries]
             last_row = spec.rows - 1
@@ -269,7 +270,7 @@ class _StepsBack:
     def _recompute(self, start: list, captured: Sequence[Any], length: torch.Tensor, k: int) -> list[torch.Tensor]:
         """A segment's carries, one row per iteration (k rows), recomputed from its start."""
         nc = self.loop.num_carries
-        device = start[0].device
+        device = loop_device(start)
         rows = [_write_row(torch.zeros((k, *c.shape), dtype=c.dtype, device=device), _zeros_int(device), c) for c in start]
 
         def cond(j: torch.Tensor, *rest: Any) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 from torch._higher_order_ops.while_loop import while_loop_op
 
-from ..ops import register
+from ..ops import loop_device, register
 from ..options import PassContext, current_capacity
 from ..traversal import GraphPass, Site, replace_call, unchanged
 from .stacked_while import LoopFunctions, StackedWhile, StackSpec, segment_length
@@ -62,7 +62,7 @@ register(bounded_while, torch.ops.higher_order.while_loop)
 def _counted_while(
     loop: LoopFunctions, carries: tuple, captured: tuple, max_iterations: int | None, count_trips: bool
 ) -> tuple[Any, ...]:
-    device = next(t.device for t in (*carries, *captured) if isinstance(t, torch.Tensor))
+    device = loop_device((*carries, *captured))
     zero = torch.zeros((), dtype=torch.int64, device=device)
     nc = loop.num_carries
 
