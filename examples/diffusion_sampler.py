@@ -46,9 +46,8 @@ class DdimSampler(torch.nn.Module):
     def forward(self, noise: torch.Tensor) -> torch.Tensor:
         def step(i, x):
             t = STEPS - 1 - i  # from the noisiest step down to 0
-            # Index with a 1-element tensor: `alpha_bar[t]` would make Dynamo read t back
-            # to the host as a Python int, which it rejects inside a loop body.
-            a, a_prev = self.alpha_bar[t.view(1)], self.alpha_bar_prev[t.view(1)]
+            # Indexing with the counter is a dynamic slice on the device (nothing read back).
+            a, a_prev = self.alpha_bar[t], self.alpha_bar_prev[t]
             eps = self.denoiser(x, t)
             x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
             return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps

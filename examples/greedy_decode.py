@@ -29,7 +29,6 @@ class GreedyDecoder(torch.nn.Module):
     def forward(self, first: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode from the first tokens [batch] and states [batch, hidden]; returns (tokens
         [batch, MAX_LEN] padded with PAD after each EOS, number of steps run)."""
-        positions = torch.arange(MAX_LEN, device=first.device)
 
         def not_finished(step, tokens, h, last, done):
             return (step < MAX_LEN) & ~done.all()
@@ -38,7 +37,8 @@ class GreedyDecoder(torch.nn.Module):
             h = self.cell(self.embed(last), h)
             scores = self.logits(h) + step.to(h.dtype) * self.eos_ramp
             token = torch.where(done, PAD, scores.argmax(-1))
-            tokens = torch.where(positions == step, token[:, None], tokens)  # tokens[:, step] = token
+            tokens = tokens.clone()
+            tokens[:, step] = token  # a dynamic update slice at the counter
             return step + 1, tokens, h, token, done | (token == EOS)
 
         start = (

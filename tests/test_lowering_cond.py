@@ -218,6 +218,6 @@ def test_a_cond_in_nested_scans_is_an_error_naming_the_loop_and_the_process_goes
     model = _CondInNestedScans(xla_loop_backend.scan).to(dev)
     args = (torch.tensor(3, device=dev), torch.randn(2, 4, device=dev), torch.randn(3, 2, 4, device=dev))
     torch._dynamo.reset()
-    with pytest.raises(xla_loop_backend.LoopLoweringError, match="scan 'inner': tracing .* duplicate argument"):
+    with pytest.raises(xla_loop_backend.LoopLoweringError, match=r"^cond at test_lowering_cond.py:\d+: tracing .* duplicate argument"):
         xla_loop_backend.compile(model, fullgraph=True)(*args)
     assert (torch.ones(2, device=dev) * 2).sum().item() == 4.0

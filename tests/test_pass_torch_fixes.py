@@ -287,3 +287,28 @@ def test_torch_dynamo_still_tokenizes_source_files_for_logs_that_are_off():
     finally:
         symbolic_convert.get_funcname = fixed
     assert tokenized > 0, "Dynamo no longer tokenizes files for its trace logs while they are off: install_funcname_fix can go"
+
+
+def _cond_returning_its_input(x):
+    return torch.cond(x.sum() > 0, lambda g: g, lambda g: g * 2, (x,))
+
+
+def test_torchs_cond_may_return_its_input_unchanged():
+    from loop_testing import xla_device
+
+    x = torch.ones(3, device=xla_device())
+    assert torch.compile(_cond_returning_its_input, backend="xla_loop", fullgraph=True)(x).cpu().tolist() == [1.0] * 3
+
+
+def test_torch_still_refuses_a_cond_branch_returning_its_input():
+    # When this fails, torch accepts the alias itself: install_aliasing_fix can go.
+    from loop_testing import xla_device
+    from torch._dynamo.output_graph import SubgraphTracer
+
+    fixed = SubgraphTracer.has_aliasing
+    SubgraphTracer.has_aliasing = fixed.__wrapped__
+    try:
+        with pytest.raises(Exception, match="aliasing"):
+            torch.compile(_cond_returning_its_input, backend="xla_loop", fullgraph=True)(torch.ones(3, device=xla_device()))
+    finally:
+        SubgraphTracer.has_aliasing = fixed

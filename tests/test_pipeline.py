@@ -23,8 +23,14 @@ def test_the_passes_in_order():
         assert {"while_loop", "scan", "map", "cond", "invoke_subgraph"} <= set(graph_pass.rules), graph_pass.name
 
 
-def test_op_fixes_are_installed_on_import():
+def test_op_fixes_and_dynamo_rules_are_installed_on_import():
+    from torch._dynamo.variables.higher_order_ops import TorchHigherOrderOperatorVariable
+    from torch._dynamo.variables.tensor import TensorVariable
+
     assert getattr(scan_op.py_kernels[DispatchKey.Autograd], "_xla_loop_fixes_184528", False)
+    assert [rule.__name__ for rule in pipeline.DYNAMO_RULES] == ["install", "install_op_labels"]
+    assert getattr(TensorVariable.call_method, "_xla_loop_indexing", False)
+    assert getattr(TorchHigherOrderOperatorVariable.call_function, "_xla_loop_labels", False)
 
 
 def _loop(n, x):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Callable
 
 import torch
@@ -82,7 +83,10 @@ def unwrap_loop_error(error: BaseException) -> LoopLoweringError | None:
 
 
 def attribute_to_loop(error: BaseException, label: str) -> LoopLoweringError:
-    """A LoopLoweringError naming `label` for an error Dynamo raised while tracing that loop."""
+    """A LoopLoweringError naming `label` for an error Dynamo raised while tracing that loop:
+    torch's message whole (its lines kept, less its hint to set `capture_scalar_outputs`,
+    which does not make a read of the host possible inside a loop on the device), what to
+    write instead where xla_loop knows, and, on its last line, the user's source line."""
     text = str(error)
     if "input mutation" in text:
         return LoopLoweringError(
@@ -90,10 +94,106 @@ def attribute_to_loop(error: BaseException, label: str) -> LoopLoweringError:
             "tensors to be read only (compute new tensors, or make the tensor a carry), found an "
             "in-place update (e.g. `w.add_(1)`)"
         )
-    summary = text.split("from user code:")[0].strip().replace("\n", " ")
+    message, _, stack = text.partition("\nfrom user code:\n")
+    lines = [line.rstrip() for line in message.strip().splitlines() if not _hints_scalar_capture(line)]
+    if any(marker in message for marker in _READS_BACK):
+        lines.append(f"  xla_loop: {_READ_BACK_HINT}")
+    where = user_source_line(stack)
     return LoopLoweringError(
-        f"{label}: tracing its cond or body failed: {type(error).__name__}: {summary[:500]}"
+        f"{label}: tracing its cond or body failed: {type(error).__name__}: " + "\n".join(_squeezed(lines))
+        + (f"\n  at {where}" if where else "")
     )
+
+
+# What torch says when a body reads a tensor's value back (`.item()`, `int(t)`, `x[t]` on a
+# CPU tensor), and what to write instead inside a loop.
+_READS_BACK = ("Tensor.item()", "Data dependent operator", "data-dependent", "_local_scalar_dense")
+_READ_BACK_HINT = (
+    "a loop body or branch runs on the device and cannot read a value back to the host. Index "
+    "with the 0-dim tensor itself (`x[t]`, `out[:, t] = v`, `x.narrow(dim, t, k)`, `x[t:t + k]`: "
+    "xla_loop lowers them to dynamic slices), or use tensor ops (`torch.where`) instead of Python "
+    "control flow on the value."
+)
+
+
+def _hints_scalar_capture(line: str) -> bool:
+    return line.lstrip().startswith("Hint:") and ("capture_scalar_outputs" in line or "CAPTURE_SCALAR_OUTPUTS" in line)
+
+
+def _squeezed(lines: list[str]) -> list[str]:
+    """The lines without runs of blank ones."""
+    out: list[str] = []
+    for line in lines:
+        if line or (out and out[-1]):
+            out.append(line)
+    return out[:-1] if out and not out[-1] else out
+
+
+_FRAME = re.compile(r'^\s*File "([^"]+)", line (\d+), in (\S+)')
+
+
+def user_source_line(stack: str) -> str | None:
+    """`file.py:N: <source>` of the innermost frame of Dynamo's "from user code" stack that is
+    the user's (not torch's, not xla_loop's)."""
+    lines = stack.splitlines()
+    found = None
+    for i, line in enumerate(lines):
+        match = _FRAME.match(line)
+        if match is None or _library_file(match.group(1)):
+            continue
+        source = lines[i + 1].strip() if i + 1 < len(lines) and not _FRAME.match(lines[i + 1]) else ""
+        found = f"{match.group(1).rsplit('/', 1)[-1]}:{match.group(2)}: {source}".rstrip(": ")
+    return found
+
+
+def _library_file(path: str) -> bool:
+    return "torch/" in path and "site-packages" in path or "xla_loop_backend/" in path or "/torch/_" in path
+
+
+def install_op_labels() -> None:
+    """torch's own cond, while_loop, scan and map, called by the user inside a compiled
+    function, mark the op they trace (as xla_loop's API does), so that an error in a branch or
+    body nested in another loop names the op that failed."""
+    from torch._dynamo.variables import higher_order_ops as hop
+
+    base = hop.TorchHigherOrderOperatorVariable
+    if getattr(base.call_function, "_xla_loop_labels", False):
+        return
+    kinds = {
+        hop.CondHigherOrderVariable: "cond",
+        hop.WhileLoopHigherOrderVariable: "while_loop",
+        hop.ScanHigherOrderVariable: "scan",
+        hop.MapHigherOrderVariable: "map",
+    }
+    original = base.call_function
+
+    def call_function(self: Any, tx: Any, args: Any, kwargs: Any) -> Any:
+        kind = kinds.get(type(self))
+        where = _user_frame(tx) if kind is not None else None
+        if where is None:
+            return original(self, tx, args, kwargs)
+        label = f"{kind} at {where}"
+        _loops_being_traced.append(label)
+        result = original(self, tx, args, kwargs)
+        if _loops_being_traced and _loops_being_traced[-1] == label:
+            _loops_being_traced.pop()
+        return result
+
+    call_function._xla_loop_labels = True  # type: ignore[attr-defined]
+    base.call_function = call_function
+
+
+def _user_frame(tx: Any) -> str | None:
+    """`file.py:N` of the innermost frame Dynamo is tracing that is the user's (None when a
+    library, such as xla_loop's own API, called the op: that marks its loop itself)."""
+    while tx is not None:
+        path = tx.f_code.co_filename
+        if not _library_file(path):
+            return f"{path.rsplit('/', 1)[-1]}:{tx.lineno}"
+        if "xla_loop_backend/" in path:
+            return None
+        tx = getattr(tx, "parent", None)
+    return None
 
 
 def raising_loop_errors(call: Callable[..., Any]) -> Callable[..., Any]:

@@ -8,7 +8,8 @@
       │    reports      reports of inner loops carried out to the graph's output
       │    remat        trained loops store fewer carries (option `remat`)
       ▼
-    AOTAutograd: forward and backward graphs (OP_FIXES patch torch's ops it traces)
+    AOTAutograd: forward and backward graphs (OP_FIXES patch torch's ops it traces;
+      │  DYNAMO_RULES teach Dynamo, before all this, counter indexing and op labels)
       │  AFTER_AUTOGRAD, on each graph
       │    on_device         tensors the graph makes on the CPU are made on the device
       │    torch_xla_fixes   rewrites around torch_xla ops that give wrong results
@@ -30,6 +31,8 @@ Ordering constraints:
   (before or after `reports`: the segmented scan passes extra ys through).
 - OP_FIXES before anything traces a loop op (installed at import): they fix the op itself,
   so they reach loops at every depth, also those the passes make, and eager calls.
+- DYNAMO_RULES before Dynamo traces a body (installed at import): `x[t]`, `out[:, t] = v`,
+  `x.narrow(d, t, k)` with a loop counter t become dynamic slices (`indexing.py`).
 - `on_device` first after AOTAutograd: the passes before it and AOTAutograd itself trace
   with eager's devices (a CPU counter stays a CPU fake tensor), and every graph AOTAutograd
   makes, forward and backward, has its CPU tensors moved before anything runs it.
@@ -52,17 +55,22 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import dynamo_timed
 
 from .call import GradientLayout, GraphCall, ReportingCall, StackedOnce, stacks_of
-from .errors import LoopLoweringError
+from .errors import LoopLoweringError, install_op_labels
 from .fallback import warn_host_loop
 from .lowering.driver import lower_loops
 from .options import Options, PassContext, stack_capacity
+from . import indexing
 from .passes import on_device, reports, remat, roll_layers, torch_fixes, torch_xla_fixes, unalias, while_loops
 
 BEFORE_AUTOGRAD = (roll_layers.PASS, unalias.PASS, while_loops.PASS, reports.PASS, remat.PASS)
 OP_FIXES = torch_fixes.OP_FIXES
 AFTER_AUTOGRAD = (on_device.PASS, torch_xla_fixes.PASS)
 
-for _install in OP_FIXES:
+# Dynamo's tracing taught what xla_loop lowers (indexing with a loop counter in bodies), and
+# to say which of torch's control-flow ops it was tracing when an error comes.
+DYNAMO_RULES = (indexing.install, install_op_labels)
+
+for _install in (*OP_FIXES, *DYNAMO_RULES):
     _install()
 
 GraphCompiler = Callable[[torch.fx.GraphModule, Sequence[Any]], Callable[..., Any]]
@@ -209,4 +217,4 @@ def fullgraph_requested() -> bool:
     return bool(getattr(tx, "one_graph", False) or getattr(tx, "error_on_graph_break", False))
 
 
-__all__ = ["AFTER_AUTOGRAD", "BEFORE_AUTOGRAD", "OP_FIXES", "compile", "compile_graph", "fullgraph_requested"]
+__all__ = ["AFTER_AUTOGRAD", "BEFORE_AUTOGRAD", "DYNAMO_RULES", "OP_FIXES", "compile", "compile_graph", "fullgraph_requested"]

@@ -50,6 +50,13 @@ whole file. A first call of a small loop spent 0.2-0.5 s there (of about 1.2 s).
 is now looked up only while Dynamo's trace_call or trace_source log is on
 (`install_funcname_fix`).
 
+torch's own cond, while_loop, scan and map refuse a branch or body that returns one of its
+inputs unchanged (`lambda g: g`, a carry passed through) or one tensor twice, which
+`xla_loop_backend.cond` and `while_loop` accept: Dynamo's check of the traced subgraph
+("Encountered aliasing during higher order op tracing") now first makes such an output a
+copy, in the subgraph, where the tensors are on the XLA device (`install_aliasing_fix`).
+Two inputs that are one tensor are still refused (the operands, not the body, alias).
+
 All are installed once, at import (`OP_FIXES`); tests check that torch still needs them.
 """
 from __future__ import annotations
@@ -234,4 +241,49 @@ def install_funcname_fix() -> None:
     symbolic_convert.get_funcname = funcname_when_logged
 
 
-OP_FIXES = (install_scan_autograd_fix, install_vjp_fixes, install_dedup_fix, install_funcname_fix)
+def install_aliasing_fix() -> None:
+    """Before Dynamo checks a body's outputs for aliasing, an XLA output that is an input or
+    another output is copied in the subgraph (see the module docstring)."""
+    from torch._dynamo.output_graph import SubgraphTracer
+
+    if getattr(SubgraphTracer.has_aliasing, _FIXED_ATTRIBUTE, False):
+        return
+    original = SubgraphTracer.has_aliasing
+
+    def has_aliasing(self: Any) -> Any:
+        _copy_aliased_outputs(self.graph)
+        return original(self)
+
+    setattr(has_aliasing, _FIXED_ATTRIBUTE, True)
+    has_aliasing.__wrapped__ = original  # type: ignore[attr-defined]
+    SubgraphTracer.has_aliasing = has_aliasing
+
+
+def _copy_aliased_outputs(graph: torch.fx.Graph) -> None:
+    from torch._higher_order_ops.utils import _collect_fake_inputs
+
+    def storage(node: Any) -> Any:
+        value = _collect_fake_inputs([node])[0] if isinstance(node, torch.fx.Node) else None
+        if isinstance(value, torch.Tensor) and value.device.type == "xla":
+            return StorageWeakRef(value._typed_storage()), value
+        return None, None
+
+    seen = {storage(n)[0] for n in graph.find_nodes(op="placeholder")} - {None}
+    output = graph.find_nodes(op="output")[0]
+
+    def copied(node: Any) -> Any:
+        key, value = storage(node)
+        if key is None:
+            return node
+        if key not in seen:
+            seen.add(key)
+            return node
+        with graph.inserting_before(output):
+            copy = graph.call_function(torch.clone, (node,))
+        copy.meta["example_value"] = value.clone()
+        return copy
+
+    output.args = (torch.utils._pytree.tree_map_only(torch.fx.Node, copied, output.args[0]),)
+
+
+OP_FIXES = (install_scan_autograd_fix, install_vjp_fixes, install_dedup_fix, install_funcname_fix, install_aliasing_fix)
