@@ -11,11 +11,11 @@
 set -uo pipefail
 usage="usage: ./dev fuzz grad|forward|wiring PROGRAMS [FIRST_SEED] [JOBS]"
 kind="${1:?$usage}"; total="${2:?$usage}"
-first="${3:-1}"; jobs="${4:-1}"; chunk=250
+first="${3:-1}"; jobs="${4:-1}"; chunk=250; unit=programs
 case "$kind" in
   grad) file=tests/test_grad_fuzz.py; count=XLA_LOOP_GRAD_FUZZ_EXAMPLES; seedvar=XLA_LOOP_GRAD_FUZZ_SEED ;;
   forward) file=tests/test_fuzz.py; count=XLA_LOOP_FUZZ_EXAMPLES; seedvar=XLA_LOOP_FUZZ_SEED ;;
-  wiring) file=tests/test_wiring_fuzz.py; count=XLA_LOOP_WIRING_FUZZ_EXAMPLES; seedvar=XLA_LOOP_WIRING_FUZZ_SEED; chunk=60 ;;
+  wiring) file=tests/test_wiring_fuzz.py; count=XLA_LOOP_WIRING_FUZZ_EXAMPLES; seedvar=XLA_LOOP_WIRING_FUZZ_SEED; chunk=60; unit=families ;;
   *) echo "fuzz: KIND is grad, forward or wiring" >&2; exit 2 ;;
 esac
 mkdir -p fuzz-logs
@@ -26,7 +26,7 @@ run_seed() {  # seed programs
     .venv/bin/python -m pytest -q "$file" -p no:cacheprovider --hypothesis-show-statistics > "$log.log" 2>&1
   local rc=$? ran
   ran=$(grep -c '^# program' "$log.programs" 2>/dev/null); ran=${ran:-0}
-  if [ $rc -eq 0 ]; then echo "seed $seed: $n programs, passed"; else echo "seed $seed: FAILED (exit $rc; $ran programs logged; see $log.log)"; fi
+  if [ $rc -eq 0 ]; then echo "seed $seed: $n $unit, passed"; else echo "seed $seed: FAILED (exit $rc; $ran $unit logged; see $log.log)"; fi
   return $rc
 }
 seed=$first; left=$total; pids=(); failed=0
@@ -37,5 +37,5 @@ while [ "$left" -gt 0 ]; do
   if [ "${#pids[@]}" -ge "$jobs" ]; then wait "${pids[0]}" || failed=1; pids=("${pids[@]:1}"); fi
 done
 for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-[ $failed -eq 0 ] && echo "fuzz $kind: $total programs from seed $first, all passed" || echo "fuzz $kind: some seeds failed (fuzz-logs/)"
+[ $failed -eq 0 ] && echo "fuzz $kind: $total $unit from seed $first, all passed" || echo "fuzz $kind: some seeds failed (fuzz-logs/)"
 exit $failed
