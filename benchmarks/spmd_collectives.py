@@ -3,8 +3,11 @@
 A collective in a While body runs on every iteration, so the count per body is what a
 sharded loop pays per step in communication. The programs are the SPMD test programs
 (`tests/spmd_programs.py`, 4 virtual CPU devices), each run in its own process; the counts
-are read from the optimized, partitioned HLO (`--xla_dump_to`). The table also says whether
-the sharded run agreed with the unsharded one on CPU.
+are read from the optimized, partitioned HLO (`--xla_dump_to`); a training step has a forward
+and a backward While. The table also says whether the sharded run agreed with the unsharded
+one on CPU, and gives the time of one call (one training step), the median of 5 calls after
+the first, waited for on the devices (4 virtual devices share this machine's cores: compare
+rows of one run, not with a real mesh).
 
     .venv/bin/python benchmarks/spmd_collectives.py     # ~1 min on 2 cores
 Writes benchmarks/results/spmd_collectives.md and spmd_collectives.json.
@@ -30,6 +33,9 @@ CASES = {
     "conflicting_shardings": "while_loop, carry split by batch, weight by columns (2x2)",
     "constraint_in_body": "while_loop with with_sharding_constraint in its body (2x2)",
     "training_through_sharded_scan": "training step through a scan, FSDP (batch and weights split over 4)",
+    "batch_sharded_scan_training": "training step through a scan, batch split over 4, weight replicated, gradients seeded with ones",
+    "fsdp_gru": "training step of the fsdp_rnn example's GRU, FSDP over 4, loop invariants gathered before each While (default)",
+    "fsdp_gru_not_gathered": "the same, gather_invariants=False",
 }
 
 
@@ -61,14 +67,15 @@ def main() -> None:
     rows, records = [], []
     for case, what in CASES.items():
         result = run(case)
+        step = f"{result['step_s'] * 1e3:.1f} ms" if "step_s" in result else ""
         for program, ops in bodies(result):
             equal = result.get("equal")
-            rows.append(f"| {what} | {program or 'the While'} | {len(ops)} | {describe(ops)} | {'yes' if equal else 'NO'} |")
-            records.append({"case": case, "program": program, "collectives": ops, "equal_to_unsharded": equal})
+            rows.append(f"| {what} | {program or 'the While'} | {len(ops)} | {describe(ops)} | {'yes' if equal else 'NO'} | {step} |")
+            records.append({"case": case, "program": program, "collectives": ops, "equal_to_unsharded": equal, "step_s": result.get("step_s")})
         print(rows[-1], flush=True)
     table = "\n".join([
-        "| program | While | collectives per iteration | which | equal to unsharded CPU |",
-        "|---|---|---:|---|---|",
+        "| program | While | collectives per iteration | which | equal to unsharded CPU | one call |",
+        "|---|---|---:|---|---|---:|",
         *rows,
     ])
     a.out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,8 @@ import os
 import re
 import sys
 import tempfile
+import time
+from typing import Any
 
 DUMP = tempfile.mkdtemp(prefix="xla_loop_spmd_")
 os.environ["CPU_NUM_DEVICES"] = "4"
@@ -69,14 +71,49 @@ def collectives_by_program() -> list[list[list[str]]]:
     return programs
 
 
-def _collectives(computations: dict, name: str, seen: set) -> list[str]:
+def gathered_shapes_by_program() -> list[list[list[list[int]]]]:
+    """Like `collectives_by_program`, the shapes all-gathers make inside each While body."""
+    programs = []
+    for path in sorted(glob.glob(f"{DUMP}/*after_optimizations.txt")):
+        text = open(path).read()
+        if " while(" not in text:
+            continue
+        computations = {}
+        for block in re.split(r"\n(?=\S)", text):
+            match = re.match(r"(?:ENTRY )?%?([\w.\-]+)", block)
+            if match:
+                computations[match.group(1)] = block
+        bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", text)
+        programs.append([_collectives(computations, body, set(), GATHERED) for body in bodies])
+    return programs
+
+
+GATHERED = re.compile(r"= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(")
+
+
+def _collectives(computations: dict, name: str, seen: set, pattern: re.Pattern = COLLECTIVE) -> list[Any]:
     seen.add(name)
     block = computations.get(name, "")
-    ops = [m.group(1) for m in COLLECTIVE.finditer(block)]
+    if pattern is GATHERED:
+        ops: list[Any] = [[int(d) for d in m.group(1).split(",") if d] for m in pattern.finditer(block)]
+    else:
+        ops = [m.group(1) for m in pattern.finditer(block)]
     for callee in re.findall(r"(?:to_apply|calls|body|condition|branch_computations)=\{?%?([\w.\-]+)", block):
         if callee not in seen:
-            ops += _collectives(computations, callee, seen)
+            ops += _collectives(computations, callee, seen, pattern)
     return ops
+
+
+def _step_time(step: Any, calls: int = 5) -> float:
+    """Median seconds of one call of `step` (already compiled), waited for on the devices."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        step()
+        torch_xla.sync()
+        torch_xla._XLAC._xla_wait_device_ops([])
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -94,9 +131,10 @@ def stepper(n: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def data_parallel_while() -> dict:
     mesh = xs.Mesh(np.arange(4), (4, 1), ("data", "model"))
     x, w = torch.randn(8, 16), torch.randn(16, 16) * 0.3
-    out = xl.compile(stepper, fullgraph=True)(torch.tensor(5, device=DEV), sharded(x, mesh, ("data", None)), w.to(DEV))
+    compiled, args = xl.compile(stepper, fullgraph=True), (torch.tensor(5, device=DEV), sharded(x, mesh, ("data", None)), w.to(DEV))
+    out = compiled(*args)
     return {"equal": close(out, stepper(torch.tensor(5), x, w)), "input": spec_of(x, mesh, ("data", None)), "output": spec(out),
-            "collectives": collectives_per_while_body()}
+            "collectives": collectives_per_while_body(), "step_s": _step_time(lambda: compiled(*args))}
 
 
 def spec_of(t: torch.Tensor, mesh: xs.Mesh, partition: tuple) -> str:
@@ -110,10 +148,12 @@ def rnn(h: torch.Tensor, xs_: torch.Tensor, wx: torch.Tensor, wh: torch.Tensor):
 def data_parallel_scan() -> dict:
     mesh = xs.Mesh(np.arange(4), (4, 1), ("data", "model"))
     h, seq, wx, wh = torch.zeros(8, 16), torch.randn(6, 8, 16), torch.randn(16, 16) * 0.3, torch.randn(16, 16) * 0.3
-    out_h, ys = xl.compile(rnn, fullgraph=True)(sharded(h, mesh, ("data", None)), sharded(seq, mesh, (None, "data", None)), wx.to(DEV), wh.to(DEV))
+    compiled = xl.compile(rnn, fullgraph=True)
+    args = (sharded(h, mesh, ("data", None)), sharded(seq, mesh, (None, "data", None)), wx.to(DEV), wh.to(DEV))
+    out_h, ys = compiled(*args)
     ref_h, ref_ys = rnn(h, seq, wx, wh)
     return {"equal": close(out_h, ref_h) and close(ys, ref_ys), "input": spec_of(h, mesh, ("data", None)), "output": spec(out_h),
-            "collectives": collectives_per_while_body()}
+            "collectives": collectives_per_while_body(), "step_s": _step_time(lambda: compiled(*args))}
 
 
 def mlp_steps(n: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -124,8 +164,11 @@ def tensor_parallel_mlp() -> dict:
     # Megatron's layout: w1 split by columns, w2 by rows; x replicated. One all-reduce a step.
     mesh = xs.Mesh(np.arange(4), (1, 4), ("data", "model"))
     x, w1, w2 = torch.randn(8, 16), torch.randn(16, 32) * 0.2, torch.randn(32, 16) * 0.2
-    out = xl.compile(mlp_steps, fullgraph=True)(torch.tensor(4, device=DEV), x.to(DEV), sharded(w1, mesh, (None, "model")), sharded(w2, mesh, ("model", None)))
-    return {"equal": close(out, mlp_steps(torch.tensor(4), x, w1, w2)), "output": spec(out), "collectives": collectives_per_while_body()}
+    compiled = xl.compile(mlp_steps, fullgraph=True)
+    args = (torch.tensor(4, device=DEV), x.to(DEV), sharded(w1, mesh, (None, "model")), sharded(w2, mesh, ("model", None)))
+    out = compiled(*args)
+    return {"equal": close(out, mlp_steps(torch.tensor(4), x, w1, w2)), "output": spec(out), "collectives": collectives_per_while_body(),
+            "step_s": _step_time(lambda: compiled(*args))}
 
 
 def conflicting_shardings() -> dict:
@@ -133,9 +176,10 @@ def conflicting_shardings() -> dict:
     mesh = xs.Mesh(np.arange(4), (2, 2), ("data", "model"))
     x, w = torch.randn(8, 16), torch.randn(16, 16) * 0.3
     x_dev = sharded(x, mesh, ("data", None))
-    out = xl.compile(stepper, fullgraph=True)(torch.tensor(3, device=DEV), x_dev, sharded(w, mesh, (None, "model")))
+    compiled, args = xl.compile(stepper, fullgraph=True), (torch.tensor(3, device=DEV), x_dev, sharded(w, mesh, (None, "model")))
+    out = compiled(*args)
     return {"equal": close(out, stepper(torch.tensor(3), x, w)), "input": spec(x_dev), "output": spec(out),
-            "collectives": collectives_per_while_body()}
+            "collectives": collectives_per_while_body(), "step_s": _step_time(lambda: compiled(*args))}
 
 
 def constraint_in_body() -> dict:
@@ -149,11 +193,12 @@ def constraint_in_body() -> dict:
 
     x, w = torch.randn(8, 16), torch.randn(16, 16) * 0.3
     x_dev = sharded(x, mesh, ("data", "model"))
-    out = xl.compile(program, fullgraph=True)(torch.tensor(3, device=DEV), x_dev, sharded(w, mesh, (None, "model")))
+    compiled, args = xl.compile(program, fullgraph=True), (torch.tensor(3, device=DEV), x_dev, sharded(w, mesh, (None, "model")))
+    out = compiled(*args)
     eager = program(torch.tensor(3), x, w)  # on CPU the constraint is the identity
     text = "".join(open(p).read() for p in glob.glob(f"{DUMP}/*before_optimizations.txt"))
     return {"equal": close(out, eager), "input": spec(x_dev), "output": spec(out), "annotated": "sharding={devices=[2,2]" in text,
-            "collectives": collectives_per_while_body()}
+            "collectives": collectives_per_while_body(), "step_s": _step_time(lambda: compiled(*args))}
 
 
 def training_through_sharded_scan() -> dict:
@@ -168,12 +213,106 @@ def training_through_sharded_scan() -> dict:
         out_h, ys = rnn(h, seq, wx, wh)
         return out_h.pow(2).mean() + ys.pow(2).mean()
 
-    xl.compile(loss, fullgraph=True)(sharded(h, mesh, ("data", None)), sharded(seq, mesh, (None, "data", None)), *params).backward()
+    compiled, args = xl.compile(loss, fullgraph=True), (sharded(h, mesh, ("data", None)), sharded(seq, mesh, (None, "data", None)), *params)
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        compiled(*args).backward()
+
+    step()
     reference = [w.clone().requires_grad_() for w in (wx, wh)]
     loss(h, seq, *reference).backward()
-    return {"equal": all(close(p.grad, r.grad) for p, r in zip(params, reference)),
+    return {"equal": all(close(p.grad, r.grad) for p, r in zip(params, reference)), "step_s": _step_time(step),
             "param_shardings": [spec(p) for p in params], "grad_shardings": [spec(p.grad) for p in params],
             "collectives_by_program": collectives_by_program()}
+
+
+def batch_sharded_scan_training() -> dict:
+    # The batch split over 4 devices, the weight replicated; the gradients seeded with ones
+    # outside the compiled function (torch's check_autograd), so the seeds' own layout says
+    # nothing: each backward carry takes its forward value's.
+    mesh = xs.Mesh(np.arange(4), (4, 1), ("data", "model"))
+    torch.manual_seed(0)
+    h, seq, w = torch.zeros(8, 16), torch.randn(6, 8, 16), torch.randn(16, 16) * 0.3
+    param = w.to(DEV).requires_grad_()
+
+    def run(h, seq, w):
+        return xl.scan(lambda h, x: (torch.tanh(x + h @ w), h.sum(-1)), h, seq)
+
+    compiled = xl.compile(run, fullgraph=True)
+    args = (sharded(h, mesh, ("data", None)), sharded(seq, mesh, (None, "data", None)))
+
+    def step() -> list:
+        param.grad = None
+        outs = compiled(*args, param)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        return outs
+
+    outs = step()
+    reference = w.clone().requires_grad_()
+    expected = run(h, seq, reference)
+    torch.autograd.backward(expected, [torch.ones_like(o) for o in expected])
+    return {"equal": close(param.grad, reference.grad) and all(close(o, e) for o, e in zip(outs, expected)),
+            "input": spec(args[0]), "output": spec(outs[0]), "grad": spec(param.grad), "param": spec(param),
+            "collectives_by_program": collectives_by_program(), "step_s": _step_time(step)}
+
+
+class FsdpGru(torch.nn.Module):
+    """The fsdp_rnn example's model: a GRU through a scan, a readout, a loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = torch.nn.GRUCell(16, 32)
+        self.readout = torch.nn.Linear(32, 1)
+
+    def forward(self, seq: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        def step(h, x):
+            h = self.cell(x, h)
+            return h, self.readout(h).squeeze(-1)
+
+        _, ys = xl.scan(step, torch.zeros(seq.shape[1], 32, device=seq.device), seq)
+        return (ys - targets).pow(2).mean()
+
+
+def _fsdp_gru(gather: Any) -> dict:
+    import copy
+
+    mesh = xs.Mesh(np.arange(4), (4,), ("fsdp",))
+    torch.manual_seed(0)
+    reference = FsdpGru()
+    model = copy.deepcopy(reference).to(DEV)
+    for p in model.parameters():
+        xs.mark_sharding(p, mesh, ("fsdp",) + (None,) * (p.dim() - 1))
+    compiled = xl.compile(model, fullgraph=True, gather_invariants=gather)
+    seq = torch.randn(32, 16, 16)
+    targets = torch.sin(seq.sum(-1))
+    seq_dev, targets_dev = sharded(seq, mesh, (None, "fsdp", None)), sharded(targets, mesh, (None, "fsdp"))
+
+    def step() -> torch.Tensor:
+        model.zero_grad()
+        loss = compiled(seq_dev, targets_dev)
+        loss.backward()
+        return loss
+
+    loss = step()
+    expected = reference(seq, targets)
+    expected.backward()
+    weights = [sorted(p.shape) for p in model.parameters()]  # (a weight may be gathered transposed)
+    gathered = gathered_shapes_by_program()
+    return {"equal": close(loss, expected) and all(close(p.grad, r.grad) for p, r in zip(model.parameters(), reference.parameters())),
+            "param_shardings": [spec(p) for p in model.parameters()], "grad_shardings": [spec(p.grad) for p in model.parameters()],
+            "weights_gathered_in_bodies": [[[s for s in body if sorted(s) in weights] for body in program] for program in gathered],
+            "gathered_in_bodies": gathered,
+            "collectives_by_program": collectives_by_program(), "step_s": _step_time(step)}
+
+
+def fsdp_gru() -> dict:
+    return _fsdp_gru(None)
+
+
+def fsdp_gru_not_gathered() -> dict:
+    return _fsdp_gru(False)
 
 
 class Recurrent(torch.nn.Module):
@@ -266,7 +405,8 @@ def resharded_input() -> dict:
 
 CASES = {f.__name__: f for f in (data_parallel_while, data_parallel_scan, tensor_parallel_mlp, conflicting_shardings,
                                    constraint_in_body, training_through_sharded_scan, training_steps_scan,
-                                   training_steps_while, training_steps_replicated, resharded_input)}
+                                   training_steps_while, training_steps_replicated, resharded_input,
+                                   batch_sharded_scan_training, fsdp_gru, fsdp_gru_not_gathered)}
 
 if __name__ == "__main__":
     print(json.dumps({"case": sys.argv[1], **CASES[sys.argv[1]]()}))

@@ -74,3 +74,34 @@ def test_a_new_input_sharding_traces_again():
     result = run_case("resharded_input")
     assert result["equal_per_call"] == [True, True]
     assert result["sharding_retraces"] == 1
+
+
+def _same_layout(a: str, b: str) -> bool:
+    return (a or "{replicated}") == (b or "{replicated}")  # ('' is a tensor uploaded replicated)
+
+
+def test_batch_sharded_scan_training_backward_holds_only_the_weights_all_reduce():
+    # Gradients seeded with ones outside the compiled function: the backward's carries take
+    # their forward values' layouts (torch_fixes.install_scan_gradient_layouts), not the
+    # seeds', so no iteration gathers the hidden gradient.
+    result = run_case("batch_sharded_scan_training")
+    assert result["equal"]
+    assert result["collectives_by_program"] == [[[]], [["all-reduce"]]]
+    assert result["output"] == result["input"] == "{devices=[4,1]0,1,2,3}"
+    assert _same_layout(result["grad"], result["param"])
+
+
+def test_fsdp_gru_gathers_no_weight_inside_either_loop():
+    # the loop-invariant weights are gathered once before each While (lowering/sharding.py)
+    result = run_case("fsdp_gru")
+    assert result["equal"]
+    assert result["weights_gathered_in_bodies"] == [[[]], [[]]], result["gathered_in_bodies"]
+    assert result["grad_shardings"] == result["param_shardings"]
+
+
+def test_without_gathering_fsdp_gathers_the_weights_every_iteration():
+    # gather_invariants=False: what XLA's partitioner does alone (the tests above can fail)
+    result = run_case("fsdp_gru_not_gathered")
+    assert result["equal"]
+    assert all(body for program in result["weights_gathered_in_bodies"] for body in program)
+    assert result["grad_shardings"] == result["param_shardings"]

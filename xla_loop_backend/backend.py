@@ -50,13 +50,15 @@ def compile(  # noqa: A001 - mirrors torch.compile
     capacity: int | None = None,
     remat: bool | int = False,
     roll_layers: bool = True,
+    gather_invariants: bool | int | None = None,
     **options: Any,
 ) -> F | Callable[[F], F]:
     """Decorator: ``torch.compile(fn, backend="xla_loop", ...)`` for loop-heavy functions.
 
     Use bare (``@xla_loop_backend.compile``) or with torch.compile's options
     (``@xla_loop_backend.compile(fullgraph=True, dynamic=False)``) and xla_loop's
-    (`max_iterations`, `capacity`, `remat`, `roll_layers`: see `options.OPTIONS`). A loop error surfaces
+    (`max_iterations`, `capacity`, `remat`, `roll_layers`, `gather_invariants`: see `options.OPTIONS`).
+    A loop error surfaces
     as the `LoopLoweringError` itself rather than wrapped in Dynamo's exceptions.
     """
     if fn is None:
@@ -68,10 +70,13 @@ def compile(  # noqa: A001 - mirrors torch.compile
             capacity=capacity,
             remat=remat,
             roll_layers=roll_layers,
+            gather_invariants=gather_invariants,
             **options,
         )
     backend_options = {"max_iterations": max_iterations, "capacity": capacity, "remat": remat}
     backend_options = {k: v for k, v in backend_options.items() if v not in (None, False)}
+    if gather_invariants is not None:
+        backend_options["gather_invariants"] = gather_invariants
     if not roll_layers:
         backend_options["roll_layers"] = False
     if backend_options:

@@ -24,6 +24,7 @@ from .errors import LoopLoweringError
 from .lowering.driver import LoweredGraph
 from .lowering.sharding import pinned, shardings_of
 from .lowering.subgraph import is_symbolic_scalar
+from .options import InvariantGathering, Options, invariant_gathering
 from .segments import program
 
 
@@ -117,8 +118,15 @@ class GraphCall:
     call from the real arguments (`segments.program`), one per value of the graph's Python
     number inputs and, under SPMD, per sharding of its inputs (checked every call there)."""
 
-    def __init__(self, lowered: LoweredGraph, layout: GradientLayout | None = None, backward: bool = False):
+    def __init__(
+        self,
+        lowered: LoweredGraph,
+        layout: GradientLayout | None = None,
+        backward: bool = False,
+        gathering: InvariantGathering | None = None,
+    ):
         self.lowered = lowered
+        self.gathering = gathering or Options().invariant_gathering()  # (SPMD: loop invariants gathered before their While)
         self.layout, self.backward = layout, backward
         placeholders = lowered.module.graph.find_nodes(op="placeholder")
         self.numbers = [i for i, p in enumerate(placeholders) if is_symbolic_scalar(p.meta.get("val"))]
@@ -155,7 +163,7 @@ class GraphCall:
                 self.layout.pin_gradients(self.lowered.module)
         if shardings is not None and any(key[1] != shardings for key in self.programs):
             metrics.increment(metrics.SHARDING_RETRACES)  # (SPMD) an input's sharding changed
-        with dynamo_timed("xla_loop_executable"):  # (a stage of the first call in Dynamo's compile times)
+        with dynamo_timed("xla_loop_executable"), invariant_gathering(self.gathering):  # (dynamo_timed: a stage of the first call)
             return program(self.lowered.module, args)
 
 

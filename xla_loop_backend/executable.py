@@ -52,6 +52,7 @@ import torch
 import torch.fx
 
 from . import metrics
+from .lowering.sharding import argument_layouts
 from .lowering.subgraph import lower_traced, own_rng_root
 
 # What each output of the graph is, in `Executable.outputs`:
@@ -307,7 +308,7 @@ def _trace_on(gm: torch.fx.GraphModule, stand_ins: list[Any]) -> tuple[Any, list
     # The graph runs on new tensors on the same buffers: one it updates in place no longer
     # reads its buffer, which `stand_ins` (unchanged) still name as the parameter.
     traced = [_on_its_buffer(s) if isinstance(s, torch.Tensor) else s for s in stand_ins]
-    with own_rng_root():
+    with own_rng_root(), argument_layouts(stand_ins):
         out = tracer.run(*traced)
     if tracer.on_host:
         raise RunsOnHost(tracer.on_host)

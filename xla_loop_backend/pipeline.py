@@ -106,7 +106,7 @@ def compile(  # noqa: A001 - the pipeline's one entry
             # A new aot_autograd backend each time: torch 2.9's instance wraps its bw_compiler
             # once more per call, so a shared one nests a wrapper per compiled graph (memory,
             # and after some hundreds of graphs a stack overflow in the backward pass).
-            fw_compiler, bw_compiler = graph_compilers(graph_compiler)
+            fw_compiler, bw_compiler = graph_compilers(graph_compiler, options)
             with torch._guards.tracing(tracing_context), stack_capacity(capacity):
                 return aot_autograd(fw_compiler=fw_compiler, bw_compiler=bw_compiler)(gm, example_inputs)
 
@@ -179,17 +179,22 @@ def _stacked_examples(example_inputs: Sequence[Any], groups: list[tuple[int, ...
         return stacks_of(example_inputs, groups)
 
 
-def graph_compilers(graph_compiler: GraphCompiler | None) -> tuple[GraphCompiler, GraphCompiler]:
+def graph_compilers(graph_compiler: GraphCompiler | None, options: Options | None = None) -> tuple[GraphCompiler, GraphCompiler]:
     """AOTAutograd's forward and backward compilers: `graph_compiler` for both, or by
     default `compile_graph`, the backward's gradients laid out like the forward's inputs."""
     if graph_compiler is not None:
         return graph_compiler, graph_compiler
     layout = GradientLayout()
-    return functools.partial(compile_graph, layout=layout), functools.partial(compile_graph, layout=layout, backward=True)
+    compile_with = functools.partial(compile_graph, layout=layout, options=options)
+    return compile_with, functools.partial(compile_with, backward=True)
 
 
 def compile_graph(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], layout: GradientLayout | None = None, backward: bool = False
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    layout: GradientLayout | None = None,
+    backward: bool = False,
+    options: Options | None = None,
 ) -> Callable[..., Any]:
     """The graph compiler AOTAutograd calls for each graph: the passes after AOTAutograd,
     the lowering driver, then the graph's program (`call.GraphCall`)."""
@@ -203,7 +208,7 @@ def compile_graph(
             raise
         warn_host_loop(f"could not lower a loop, so its graph runs eagerly ({error})")
         return make_boxed_func(gm.forward)
-    return make_boxed_func(GraphCall(lowered, layout, backward))
+    return make_boxed_func(GraphCall(lowered, layout, backward, (options or Options()).invariant_gathering()))
 
 
 def fullgraph_requested() -> bool:

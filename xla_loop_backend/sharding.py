@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import torch
 from torch._dynamo.comptime import comptime
 
+from .lowering.sharding import with_leading_dims
+
 
 def with_sharding_constraint(tensor: torch.Tensor, mesh: Any, partition_spec: Sequence[Any]) -> torch.Tensor:
     """`tensor`, constrained to `partition_spec` over `mesh` (a torch_xla `xs.Mesh`):
@@ -79,3 +81,47 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
 
 
 _sharding_constraint.register_autograd(_backward, setup_context=_setup_context)
+
+
+def spmd_on() -> bool:
+    """Whether torch_xla runs in SPMD mode (`torch_xla.runtime.use_spmd()`, for the process)."""
+    import torch_xla.runtime as xr
+
+    return xr.is_spmd()
+
+
+def sharding_like(tensor: torch.Tensor, reference: torch.Tensor, leading: int = 0) -> torch.Tensor:
+    """`tensor`, laid out like `reference` under SPMD, less `reference`'s first `leading`
+    dims (a stack of a loop's carries, one row a step: `leading=1`). The sharding is read
+    when the graph is traced for XLA: what a gradient takes from the forward value it is
+    the gradient of. The identity where there is no sharding to follow."""
+    return torch.ops.xla_loop.sharding_like(tensor, reference, leading)
+
+
+@torch.library.custom_op("xla_loop::sharding_like", mutates_args=())
+def _sharding_like(tensor: torch.Tensor, reference: torch.Tensor, leading: int) -> torch.Tensor:
+    import torch_xla
+    import torch_xla.runtime as xr
+
+    copy = tensor.clone()
+    if tensor.device.type != "xla" or reference.device.type != "xla" or not xr.is_spmd():
+        return copy
+    if tuple(tensor.shape) != tuple(reference.shape[leading:]):
+        return copy
+    spec = torch_xla._XLAC._get_xla_sharding_spec(reference)
+    sharding = (torch_xla._XLAC._get_xla_op_sharding(reference) if spec else None) if not leading else with_leading_dims(spec, -leading)
+    if sharding is not None:
+        torch_xla._XLAC._xla_annotate_custom_sharding(copy, sharding)
+    return copy
+
+
+@_sharding_like.register_fake
+def _sharding_like_fake(tensor: torch.Tensor, reference: torch.Tensor, leading: int) -> torch.Tensor:
+    return torch.empty_like(tensor)
+
+
+def _like_backward(ctx: Any, grad: torch.Tensor) -> tuple:
+    return grad, None, None
+
+
+_sharding_like.register_autograd(_like_backward)

@@ -19,7 +19,7 @@ import torch_xla.core.xla_builder as xb
 
 from .. import metrics
 from ..errors import LoopLoweringError, describe_value, loop_name
-from .sharding import shardings_of
+from .sharding import shardings_of, stacks_like_carries
 from .subgraph import SubgraphInterpreter, stage_computation
 from .state import ControlFlowState, as_state_tensor, check_new_carries
 
@@ -73,17 +73,17 @@ def _lower_scan_like(
     slice_specs = [torch.empty(x.shape[1:], dtype=x.dtype, device="meta") for x in xs]
     combine = stage_computation("scan_combine", run_combine, carries + slice_specs + extras, carry_shardings=shardings_of(carries))
     _check_num_outputs(name, node, fn_name, num_carries, len(combine.outputs))
-    ys_init = [
-        torch.zeros((length, *y.shape), dtype=y.dtype, device=torch_xla.device())
-        for y in combine.outputs[num_carries:]
-    ]
+    ys_init = stacks_like_carries(
+        [torch.zeros((length, *y.shape), dtype=y.dtype, device=torch_xla.device()) for y in combine.outputs[num_carries:]],
+        carries,
+    )
 
     state = ControlFlowState()
     (step,) = state.add([torch.zeros((), dtype=torch.int64, device=torch_xla.device())])
     carry_at = state.add(carries)
     ys_at = state.add(ys_init)
     xs_at = state.add(xs)
-    extras_at = state.add(extras)
+    extras_at = state.add(extras, invariant=True)
     combine_call = state.attach(combine)
 
     def cond_fn(values: list[xb.Op]) -> xb.Op:

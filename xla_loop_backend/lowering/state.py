@@ -18,6 +18,7 @@ import torch_xla
 import torch_xla.core.xla_builder as xb
 
 from ..errors import LoopLoweringError, describe_value
+from .sharding import gathered_invariants
 from .subgraph import INT_DTYPE, StagedComputation, scalar_to_tensor
 
 # torch_xla's own seed recurrence (XLAGraphExecutor::GetRngSeed), applied once per iteration.
@@ -47,11 +48,15 @@ class ControlFlowState:
     def __init__(self) -> None:
         self.tensors: list[torch.Tensor] = []
         self.seed_index: int | None = None
+        self.invariants: list[int] = []  # what every iteration reads unchanged (captured tensors)
 
-    def add(self, tensors: Sequence[torch.Tensor]) -> list[int]:
+    def add(self, tensors: Sequence[torch.Tensor], invariant: bool = False) -> list[int]:
         start = len(self.tensors)
         self.tensors.extend(tensors)
-        return list(range(start, len(self.tensors)))
+        added = list(range(start, len(self.tensors)))
+        if invariant:
+            self.invariants.extend(added)
+        return added
 
     def attach(self, staged: StagedComputation) -> AttachedComputation:
         hoisted_index = {}
@@ -63,7 +68,7 @@ class ControlFlowState:
                     self.seed_index = self.add([source])[0]
                 hoisted_index[k] = self.seed_index
             else:
-                hoisted_index[k] = self.add([source])[0]
+                hoisted_index[k] = self.add([source], invariant=True)[0]
         return AttachedComputation(staged, hoisted_index)
 
     def build(
@@ -103,7 +108,7 @@ class ControlFlowState:
     ) -> list[torch.Tensor]:
         """Run a Conditional on `pred` (a bool[] tensor) as one user computation; each
         branch function maps the operand tuple to the outputs."""
-        state = self._operands()
+        state = self._operands(loop=False)
         builder = xb.create_builder(name)
         pred_param = xb.mkparam(builder, 0, xb.tensor_shape(pred))
         params = [xb.mkparam(builder, i + 1, xb.tensor_shape(t)) for i, t in enumerate(state)]
@@ -111,8 +116,9 @@ class ControlFlowState:
         computation = pred_param.mkconditional(params, *branches).build(name)
         return list(torch_xla._XLAC._xla_user_computation(f"xla_loop::{name}", [pred, *state], computation))
 
-    def _operands(self) -> list[torch.Tensor]:
-        state = list(self.tensors)
+    def _operands(self, loop: bool = True) -> list[torch.Tensor]:
+        # (SPMD: a While's invariants gathered once before it; a Conditional runs once)
+        state = gathered_invariants(self.tensors, self.invariants) if loop else list(self.tensors)
         if self.seed_index is not None:
             # Start from a number drawn in the enclosing graph, so the op's stream differs
             # from the random ops around it; the dynamo bridge reseeds that draw every call.

@@ -55,7 +55,8 @@ def _build_while(
     cond: StagedComputation, body: StagedComputation, inputs: list[torch.Tensor], num_carries: int
 ) -> list[torch.Tensor]:
     state = ControlFlowState()
-    state.add(inputs)
+    state.add(inputs[:num_carries])
+    state.add(inputs[num_carries:], invariant=True)
     cond_call = state.attach(cond)
     body_call = state.attach(body)
     num_inputs = len(inputs)

@@ -45,6 +45,7 @@ from torch._higher_order_ops.utils import (
 from torch._higher_order_ops.while_loop import while_loop_op
 
 from ..ops import loop_device
+from ..sharding import sharding_like, spmd_on
 from .torch_fixes import create_bw_fn_fixed, distinct_outputs
 
 
@@ -171,6 +172,9 @@ class StackedWhile(torch.autograd.Function):
             if f
         ])
         grad_captured = [torch.zeros_like(c) for c, w in zip(captured, wanted) if w]
+        if spmd_on():  # (each gradient laid out like its forward value: a row of its stack, a captured input)
+            grad_carries = [sharding_like(g, s, 1) for g, s in zip(grad_carries, [s for s, f in zip(stacks, floats) if f])]
+            grad_captured = [sharding_like(g, c) for g, c in zip(grad_captured, [c for c, w in zip(captured, wanted) if w])]
         steps = _StepsBack(spec.loop, stacks, captured, floats, wanted, (ctx.include_keys, ctx.exclude_keys))
         with torch.no_grad():  # the Whiles below are the backward itself, not differentiated
             if spec.every == 1:

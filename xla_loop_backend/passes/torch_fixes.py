@@ -57,6 +57,16 @@ inputs unchanged (`lambda g: g`, a carry passed through) or one tensor twice, wh
 copy, in the subgraph, where the tensors are on the XLA device (`install_aliasing_fix`).
 Two inputs that are one tensor are still refused (the operands, not the body, alias).
 
+Under SPMD, scan's backward lays its gradients out as torch leaves them: the gradients of
+the final carries and of the ys come from whatever computed the loss (often a replicated
+seed, as `torch.autograd.backward(outputs, ones)` makes), and the accumulators of the
+captured inputs' gradients start as `zeros_like` (no sharding). xla_loop pins a While's
+carries to their initial values' shardings, so every backward iteration gathered a whole
+gradient. `install_scan_gradient_layouts` makes each of them take the sharding of the
+forward value it is the gradient of (a carry's: its row of the stacked forward carries; a
+y's: the forward ys; a captured input's: the input), through `sharding.sharding_like`,
+which reads the sharding when the graph is traced for XLA. Outside SPMD nothing changes.
+
 All are installed once, at import (`OP_FIXES`); tests check that torch still needs them.
 """
 from __future__ import annotations
@@ -77,7 +87,10 @@ _FIXED_ATTRIBUTE = "_xla_loop_fixes_184528"
 def linked_to_grad(carry: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """`carry`, requiring grad through `reference` with an exactly zero gradient."""
     never = torch.zeros((), dtype=torch.bool, device=carry.device)
-    return torch.where(never, reference.flatten()[0].to(carry.dtype), carry)
+    linked = torch.where(never, reference.flatten()[0].to(carry.dtype), carry)
+    from ..sharding import sharding_like, spmd_on
+
+    return sharding_like(linked, carry) if spmd_on() else linked  # (SPMD: the carry's layout, if it has one)
 
 
 def carries_requiring_grad(init: Any, operands: Any) -> list[Any]:
@@ -107,6 +120,56 @@ def install_scan_autograd_fix() -> None:
     scan_autograd.torch_kernel = kernel  # type: ignore[attr-defined]
     scan_op.py_kernels[DispatchKey.Autograd] = scan_autograd
     scan_op._dispatch_cache.clear()
+
+
+def install_scan_gradient_layouts() -> None:
+    """Under SPMD, scan's backward gradients take their forward values' shardings (see the
+    module docstring)."""
+    from torch._higher_order_ops.scan import ScanAutogradOp
+
+    original = ScanAutogradOp.backward
+    if getattr(original, _FIXED_ATTRIBUTE, False):
+        return
+
+    def backward(ctx: Any, *flat_grads: Any) -> Any:
+        from ..sharding import sharding_like, spmd_on
+
+        if not spmd_on():
+            return original(ctx, *flat_grads)
+        from torch._higher_order_ops.utils import saved_tensors_and_symints, split_into_chunks
+
+        n_init, n_ys, n_add = ctx._num_leaves_init, ctx._num_leaves_ys, ctx._num_additional_inputs
+        _, _, captured, fw_carries, fw_ys = split_into_chunks(
+            saved_tensors_and_symints(ctx), [n_init, ctx._num_leaves_xs, n_add, n_init, n_ys]
+        )
+        references = [(c, 1) for c in fw_carries] + [(y, 0) for y in fw_ys]
+        grads = [
+            sharding_like(g, r, k) if isinstance(g, torch.Tensor) and isinstance(r, torch.Tensor) else g
+            for g, (r, k) in zip(flat_grads, references)
+        ]
+        with _ZerosLikeFollows(captured):
+            return original(ctx, *grads)
+
+    setattr(backward, _FIXED_ATTRIBUTE, True)
+    backward.__wrapped__ = original  # type: ignore[attr-defined]
+    ScanAutogradOp.backward = staticmethod(backward)
+
+
+class _ZerosLikeFollows(torch.overrides.TorchFunctionMode):
+    """`torch.zeros_like(t)` of one of `tensors` (a captured input whose gradient a scan's
+    backward accumulates) is laid out like t."""
+
+    def __init__(self, tensors: Any) -> None:
+        super().__init__()
+        self.tensors = {t._cdata for t in tensors if isinstance(t, torch.Tensor)}
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func is torch.zeros_like and args and isinstance(args[0], torch.Tensor) and args[0]._cdata in self.tensors:
+            from ..sharding import sharding_like
+
+            return sharding_like(out, args[0])
+        return out
 
 
 def torch_scan_autograd_kernel() -> Any:
@@ -286,4 +349,11 @@ def _copy_aliased_outputs(graph: torch.fx.Graph) -> None:
     output.args = (torch.utils._pytree.tree_map_only(torch.fx.Node, copied, output.args[0]),)
 
 
-OP_FIXES = (install_scan_autograd_fix, install_vjp_fixes, install_dedup_fix, install_funcname_fix, install_aliasing_fix)
+OP_FIXES = (
+    install_scan_autograd_fix,
+    install_vjp_fixes,
+    install_dedup_fix,
+    install_funcname_fix,
+    install_aliasing_fix,
+    install_scan_gradient_layouts,
+)
