@@ -56,23 +56,15 @@ def collectives_per_while_body() -> list[list[str]]:
 def collectives_by_program() -> list[list[list[str]]]:
     """For each compiled program that has a While (in compile order), for each of its
     Whiles: the collectives in the body, and in what the body calls."""
-    programs = []
-    for path in sorted(glob.glob(f"{DUMP}/*after_optimizations.txt")):
-        text = open(path).read()
-        if " while(" not in text:
-            continue
-        computations = {}
-        for block in re.split(r"\n(?=\S)", text):
-            match = re.match(r"(?:ENTRY )?%?([\w.\-]+)", block)
-            if match:
-                computations[match.group(1)] = block
-        bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", text)
-        programs.append([_collectives(computations, body, set()) for body in bodies])
-    return programs
+    return _per_while_body(COLLECTIVE)
 
 
 def gathered_shapes_by_program() -> list[list[list[list[int]]]]:
     """Like `collectives_by_program`, the shapes all-gathers make inside each While body."""
+    return _per_while_body(GATHERED)
+
+
+def _per_while_body(pattern: re.Pattern) -> list[list[list[Any]]]:
     programs = []
     for path in sorted(glob.glob(f"{DUMP}/*after_optimizations.txt")):
         text = open(path).read()
@@ -84,7 +76,7 @@ def gathered_shapes_by_program() -> list[list[list[list[int]]]]:
             if match:
                 computations[match.group(1)] = block
         bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", text)
-        programs.append([_collectives(computations, body, set(), GATHERED) for body in bodies])
+        programs.append([_collectives(computations, body, set(), pattern) for body in bodies])
     return programs
 
 
