@@ -13,6 +13,12 @@ the per-round ratios, with their range. The first call of xla_loop is split into
 tracing, AOTAutograd (with xla_loop's passes and lowering), making the executable (the
 graph's one trace and XLA's compile) and XLA's compile alone.
 Output: benchmarks/results/calls.{md,json}.
+
+    .venv/bin/python benchmarks/calls.py --torch-logs [--rounds 5]
+
+pairs xla_loop with TORCH_LOGS unset and set to "xla_loop_backend" (B 10 trips, pinned and
+unpinned, order reversed every other round): what logging adds to a call, as the per-round
+ratio of per-call medians. Output: benchmarks/results/calls_torch_logs.md.
 """
 from __future__ import annotations
 
@@ -131,13 +137,44 @@ def markdown(meta: dict, records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def torch_logs(rounds: int, log_dir: Path) -> str:
+    """Per call with TORCH_LOGS="xla_loop_backend" against unset, paired by round."""
+    allowed = sorted(os.sched_getaffinity(0))
+    systems = ("xla_loop", "xla_loop" + suite.LOGGED)
+    rows = ["# Per call with TORCH_LOGS=\"xla_loop_backend\" against unset", "",
+            f"- {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; `benchmarks/calls.py --torch-logs "
+            f"--rounds {rounds}`; B 10 trips; each a fresh process; per call: the median of the calls made in about 1 s",
+            "", "| pinning | round | unset | logged | logged / unset |", "|---|---:|---:|---:|---:|"]
+    for pinning in PINNINGS:
+        ratios = []
+        for k in range(rounds):
+            cfg = {"cap": 120.0, "steady_budget": 1.0, "max_repeats": 5000,
+                   "cpus": {allowed[-1]} if pinning == "pinned" else None}
+            got = {system: suite.run_worker(system, "B", 10, cfg, None, log_dir) for system in (systems if k % 2 == 0 else systems[::-1])}
+            off, on = (got[s_].get("steady_s") for s_ in systems)
+            if off and on:
+                ratios.append(on / off)
+                rows.append(f"| {pinning} | {k} | {fmt(off)} | {fmt(on)} | {on / off:.3f} |")
+            print(rows[-1], flush=True)
+        if ratios:
+            rows.append(f"| {pinning} | median | | | **{statistics.median(ratios):.3f}** ({min(ratios):.3f}–{max(ratios):.3f}) |")
+    return "\n".join(rows) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
     p.add_argument("--quick", action="store_true", help="one round of B 10, A 1000 and B 10000")
     p.add_argument("--jax-venv", type=Path, default=suite.DEFAULT_JAX_VENV)
     p.add_argument("--out", type=Path, default=suite.RESULTS)
+    p.add_argument("--torch-logs", action="store_true", help="per call with TORCH_LOGS=xla_loop_backend against unset")
     a = p.parse_args()
+    if a.torch_logs:
+        text = torch_logs(a.rounds or 5, Path(tempfile.mkdtemp(prefix="xla_loop_calls_logs_")))
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "calls_torch_logs.md").write_text(text)
+        print(text)
+        return
     rounds = a.rounds or (1 if a.quick else 3)
     started = time.monotonic()
     meta = suite.machine()

@@ -89,6 +89,9 @@ def ensure_jax(jax_venv: Path) -> Path | None:
 
 # ---- running one measurement -------------------------------------------------------------
 
+LOGGED = "_logged"
+
+
 def run_worker(system: str, workload: str, trips: int, cfg: dict, jax_python: Path | None, log_dir: Path) -> dict:
     """One worker process; returns its last result record (or a timeout/error record)."""
     base = {"system": system, "workload": workload, "trips": trips}
@@ -98,10 +101,14 @@ def run_worker(system: str, workload: str, trips: int, cfg: dict, jax_python: Pa
         cmd = [str(jax_python), str(HERE / "workloads_jax.py")]
     else:
         cmd = [sys.executable, str(HERE / "workloads_torch.py")]
-    cmd += ["--system", system, "--workload", workload, "--trips", str(trips),
+    logged = system.endswith(LOGGED)  # (xla_loop with TORCH_LOGS="xla_loop_backend": calls.py --torch-logs)
+    cmd += ["--system", system.removesuffix(LOGGED), "--workload", workload, "--trips", str(trips),
             "--deadline-s", str(cfg["cap"]), "--steady-budget-s", str(cfg["steady_budget"]),
             "--max-repeats", str(cfg["max_repeats"])]
     env = {**os.environ, "PJRT_DEVICE": "CPU", "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore"}
+    env.pop("TORCH_LOGS", None)
+    if logged:
+        env["TORCH_LOGS"] = "xla_loop_backend"
     inductor_cache = tempfile.mkdtemp(prefix="inductor_cache_")  # a cold compile, like the others
     env["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache
     cpus = cfg.get("cpus")

@@ -4,7 +4,7 @@
     @xla_loop_backend.compile                     # the same, as a decorator
 
 while_loop, scan (and torch's map) lower to one XLA While each, cond to one XLA
-Conditional; the rest of the graph goes through torch_xla's openxla bridge. `while_loop`,
+Conditional; each graph is one executable xla_loop compiles and calls itself. `while_loop`,
 `scan`, `fori_loop` and `cond` here are torch's ops with errors that name the loop and the
 carry, and they run on the device (one While, one Conditional) even when called outside
 torch.compile on XLA tensors.
@@ -20,6 +20,7 @@ xla_loop_cpu_defaults.apply()  # (before torch_xla starts its client; see that m
 
 from .api import cond, fori_loop, scan, while_loop  # noqa: E402
 from .backend import compile, compile_graph, xla_loop  # noqa: E402
+from .explain import Report, explain  # noqa: E402
 from .fallback import LoopFallbackWarning  # noqa: E402
 from .sharding import with_sharding_constraint  # noqa: E402
 from .errors import LoopLoweringError  # noqa: E402
@@ -28,6 +29,7 @@ __all__ = [
     "compile",
     "cond",
     "compile_graph",
+    "explain",
     "fori_loop",
     "scan",
     "while_loop",
@@ -35,4 +37,5 @@ __all__ = [
     "xla_loop",
     "LoopFallbackWarning",
     "LoopLoweringError",
+    "Report",
 ]

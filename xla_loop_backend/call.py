@@ -15,17 +15,25 @@
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+import logging
+import math
+import time
+from typing import Any, Callable, Sequence
 
 import torch
 
 from . import metrics
 from .errors import LoopLoweringError
+from .fallback import warn_host_loop
+from .explain import current_graph, record, record_graph
 from .lowering.driver import LoweredGraph
 from .lowering.sharding import pinned, shardings_of
 from .lowering.subgraph import is_symbolic_scalar
 from .options import InvariantGathering, Options, invariant_gathering
 from .segments import program
+
+_LOG = logging.getLogger(__name__)
+_FX_NOTE = "\n\nWhile executing"  # (what torch.fx's Interpreter appends to an error's message)
 
 
 class GradientLayout:
@@ -124,12 +132,15 @@ class GraphCall:
         layout: GradientLayout | None = None,
         backward: bool = False,
         gathering: InvariantGathering | None = None,
+        eager: torch.fx.GraphModule | None = None,
     ):
         self.lowered = lowered
+        self.eager = eager  # (without fullgraph: the graph as AOTAutograd made it, to run if a loop fails to lower)
         self.gathering = gathering or Options().invariant_gathering()  # (SPMD: loop invariants gathered before their While)
         self.layout, self.backward = layout, backward
         placeholders = lowered.module.graph.find_nodes(op="placeholder")
         self.numbers = [i for i, p in enumerate(placeholders) if is_symbolic_scalar(p.meta.get("val"))]
+        self.number_names = [str(placeholders[i].meta["val"]) for i in self.numbers]  # (Dynamo's symbols: s0, ...)
         self.programs: dict[Any, Callable[..., Any]] = {}
         self.only: Callable[..., Any] | None = None  # the one program, when nothing keys it
         self.to_cpu = _gradients_on_cpu(lowered.module) if backward else []
@@ -148,7 +159,16 @@ class GraphCall:
         key = (tuple(args[i] for i in self.numbers), shardings)
         compiled = self.programs.get(key)
         if compiled is None:
-            compiled = self.programs[key] = self._compile(args, shardings)
+            if self.programs:
+                _log_recompile(self, key)
+            try:
+                compiled = self._compile(args, shardings)
+            except LoopLoweringError as error:
+                if self.eager is None:
+                    raise
+                warn_host_loop(f"could not lower a loop, so its graph runs eagerly ({str(error).split(_FX_NOTE)[0]})")
+                compiled = self.eager.forward
+            self.programs[key] = compiled
             if not self.numbers and shardings is None:
                 self.only = compiled
         return compiled
@@ -163,8 +183,47 @@ class GraphCall:
                 self.layout.pin_gradients(self.lowered.module)
         if shardings is not None and any(key[1] != shardings for key in self.programs):
             metrics.increment(metrics.SHARDING_RETRACES)  # (SPMD) an input's sharding changed
-        with dynamo_timed("xla_loop_executable"), invariant_gathering(self.gathering):  # (dynamo_timed: a stage of the first call)
-            return program(self.lowered.module, args)
+        label = current_graph.set("backward" if self.backward else "forward")
+        start = time.perf_counter()
+        try:
+            with dynamo_timed("xla_loop_executable"), invariant_gathering(self.gathering):  # (dynamo_timed: a stage of the first call)
+                compiled = program(self.lowered.module, args)
+            _log_program(compiled, time.perf_counter() - start)
+            return compiled
+        finally:
+            current_graph.reset(label)
+
+
+def _log_recompile(call: GraphCall, key: tuple) -> None:
+    numbers, shardings = key
+    if any(shardings != k[1] for k in call.programs):
+        why = "an input's sharding changed"
+    else:
+        values = ", ".join(f"{name}={value}" for name, value in zip(call.number_names, numbers))
+        why = f"a new value of the Python numbers and sizes it takes ({values}): a program per value"
+    record(_LOG, "recompile", f"{'backward' if call.backward else 'forward'} graph compiles again: {why}", why=why)
+
+
+def _log_program(compiled: Any, seconds: float) -> None:
+    """One line per graph made a program (TORCH_LOGS="xla_loop_backend"; `explain`); its HLO at DEBUG."""
+    from .executable import Executable
+
+    if isinstance(compiled, Executable):
+        text = compiled.hlo_text() if _LOG.isEnabledFor(logging.INFO) else ""
+        ops = sum(1 for line in text.splitlines() if " = " in line)
+        path, programs, buffers = "one program", 1, sum(_bytes(shape, dtype) for shape, dtype, _ in compiled.shapes)
+    else:
+        parts = compiled.interpreter.device_parts
+        path, programs, ops, buffers, text = f"segmented: {len(parts)} device part(s) and host steps", len(parts), 0, 0, ""
+    record(
+        _LOG, "program", f"graph made {path} ({ops} HLO ops) in {seconds * 1e3:.0f} ms",
+        path=path, programs=programs, hlo_ops=ops, seconds=seconds, buffers=buffers,
+    )
+    record_graph(_LOG, "its HLO", lambda: text)
+
+
+def _bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
 
 
 def _gradients_on_cpu(gm: torch.fx.GraphModule) -> list[int]:
@@ -250,4 +309,10 @@ class ReportingCall:
             # room for it, and run the call again (the first run's results are dropped).
             self.capacity = grown_capacity(needed, self.max_iterations)
             metrics.increment(metrics.CAPACITY_GROWTHS)
+            record(
+                _LOG, "recompile",
+                f"compiles again: a trained while_loop ({' or '.join(self.loops)}) ran {needed} iterations, "
+                f"more than its stack holds; capacity {self.capacity}, and the call runs again",
+                why="stack growth",
+            )
             self.compiled = self.build(self.capacity)

@@ -146,6 +146,16 @@ def user_source_line(stack: str) -> str | None:
     return found
 
 
+def ending_with_user_line(error: LoopLoweringError) -> LoopLoweringError:
+    """The error, its message without the stack Dynamo appends ("from user code: ...") and
+    with the user's source line last, as the errors of a body's tracing end."""
+    message, found, stack = str(error).partition("\nfrom user code:\n")
+    if not found:
+        return error
+    where = user_source_line(stack)
+    return LoopLoweringError(message.rstrip() + (f"\n  at {where}" if where else ""))
+
+
 def _library_file(path: str) -> bool:
     return "torch/" in path and "site-packages" in path or "xla_loop_backend/" in path or "/torch/_" in path
 
@@ -213,7 +223,7 @@ def raising_loop_errors(call: Callable[..., Any]) -> Callable[..., Any]:
                 _loops_being_traced.clear()
             cause = unwrap_loop_error(error)
             if cause is not None and cause is not error:
-                raise cause from None
+                raise ending_with_user_line(cause) from None
             if cause is None and failed_in is not None:
                 raise attribute_to_loop(error, failed_in) from error
             raise

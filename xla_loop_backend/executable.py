@@ -139,6 +139,12 @@ class Executable:
         ]
         return out[0] if self.structure is None else self.structure(out)
 
+    def hlo_text(self) -> str:
+        """The program's HLO (what `explain` and the DEBUG log show)."""
+        import torch_xla.core.xla_builder as xb
+
+        return xb.get_computation_hlo(self.computation) if self.computation is not None else ""
+
     def _results(self, inputs: list[Any]) -> list[torch.Tensor]:
         if self.graph_hash is None:  # (the graph computes nothing: its outputs are inputs or values)
             return []

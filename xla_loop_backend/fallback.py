@@ -9,6 +9,7 @@ unrolled graph, whose compile time grows with the length. (`xla_loop_backend.whi
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any
 
@@ -18,6 +19,10 @@ from torch._higher_order_ops.scan import scan_op
 from torch._higher_order_ops.while_loop import while_loop_dense, while_loop_op
 
 from . import metrics
+from .explain import record
+
+_LOG = logging.getLogger(__name__)
+
 
 class LoopFallbackWarning(UserWarning):
     """A loop runs as a per-iteration host loop instead of one XLA While."""
@@ -25,6 +30,7 @@ class LoopFallbackWarning(UserWarning):
 
 def warn_host_loop(why: str, kind: str = "a Python loop with host syncs every iteration") -> None:
     metrics.increment(metrics.HOST_LOOP_FALLBACKS)
+    record(_LOG, "fallback", f"fallback: {why}; the loop runs as {kind}", why=f"{why}; the loop runs as {kind}")
     warnings.warn(
         f"xla_loop: {why}; the loop runs as {kind}.",
         LoopFallbackWarning,

@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import logging
 from typing import Any, Callable, Sequence
 
 import torch
@@ -56,6 +57,7 @@ from torch._dynamo.utils import dynamo_timed
 
 from .call import GradientLayout, GraphCall, ReportingCall, StackedOnce, stacks_of
 from .errors import LoopLoweringError, install_op_labels
+from .explain import record_graph
 from .fallback import warn_host_loop
 from .lowering.driver import lower_loops
 from .options import Options, PassContext, stack_capacity
@@ -72,6 +74,8 @@ DYNAMO_RULES = (indexing.install, install_op_labels)
 
 for _install in (*OP_FIXES, *DYNAMO_RULES):
     _install()
+
+_LOG = logging.getLogger(__name__)
 
 GraphCompiler = Callable[[torch.fx.GraphModule, Sequence[Any]], Callable[..., Any]]
 
@@ -197,18 +201,22 @@ def compile_graph(
     options: Options | None = None,
 ) -> Callable[..., Any]:
     """The graph compiler AOTAutograd calls for each graph: the passes after AOTAutograd,
-    the lowering driver, then the graph's program (`call.GraphCall`)."""
+    the lowering driver, then the graph's program (`call.GraphCall`). Without fullgraph, a
+    loop found unlowerable only when the graph is traced (on its first call: an op torch_xla
+    runs on the CPU in a body) makes the graph run eagerly, with a warning, as here."""
+    eager = None if fullgraph_requested() else copy.deepcopy(gm)
     try:
         for graph_pass in AFTER_AUTOGRAD:
             graph_pass.run(gm)
         with dynamo_timed("xla_loop_lowering"):  # (a stage of the first call in Dynamo's compile times)
             lowered = lower_loops(gm)
+        record_graph(_LOG, f"{'backward' if backward else 'forward'} graph, its loops lowered", lambda: lowered.module.code)
     except LoopLoweringError as error:
         if fullgraph_requested():
             raise
         warn_host_loop(f"could not lower a loop, so its graph runs eagerly ({error})")
         return make_boxed_func(gm.forward)
-    return make_boxed_func(GraphCall(lowered, layout, backward, (options or Options()).invariant_gathering()))
+    return make_boxed_func(GraphCall(lowered, layout, backward, (options or Options()).invariant_gathering(), eager))
 
 
 def fullgraph_requested() -> bool:

@@ -8,11 +8,13 @@ Nested loops inside a subgraph reach the same table through `SubgraphInterpreter
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import logging
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..errors import LoopLoweringError, loop_name
+from ..explain import depth, describe_tensor, record
 from ..ops import spec_of
 from .cond import lower_cond
 from .invoke_subgraph import lower_invoke_subgraph
@@ -20,6 +22,19 @@ from .scan import lower_map, lower_scan
 from .while_loop import lower_while_loop
 
 LoweringRule = Callable[..., Any]
+
+_LOG = logging.getLogger(__name__)
+
+
+def report_lowered(name: str, kind: str, lowered_to: str, trip: str, carries: Sequence[Any]) -> None:
+    """One line per loop or branch lowered (TORCH_LOGS="xla_loop_backend"; `explain`)."""
+    described = [describe_tensor(c) for c in carries]
+    where = name.split(" at ", 1)[1] if " at " in name else name
+    record(
+        _LOG, "lowered", f"{name}: lowered to {lowered_to}" + (f"; trip count {trip}" if trip else "") + f"; carries {', '.join(described) or 'none'}",
+        stacklevel=2, kind=kind, where=where, name=name, depth=depth.get(), lowered_to=lowered_to, trip=trip, carries=described,
+    )
+
 
 LOWERING_RULES: dict[str, LoweringRule] = {
     "while_loop": lower_while_loop,
@@ -53,4 +68,4 @@ def rule_for(node: torch.fx.Node | None, target: Any) -> LoweringRule:
     return rule
 
 
-__all__ = ["LOWERING_RULES", "LoweringRule", "lower_control_flow", "rule_for"]
+__all__ = ["LOWERING_RULES", "LoweringRule", "lower_control_flow", "report_lowered", "rule_for"]

@@ -58,7 +58,11 @@ def lower_cond(
 
         return run
 
-    return tuple(state.build_conditional("cond", pred, taking(calls[0]), taking(calls[1])))
+    outputs = tuple(state.build_conditional("cond", pred, taking(calls[0]), taking(calls[1])))
+    from . import report_lowered
+
+    report_lowered(name, "cond", "one XLA Conditional (the predicate stays on the device)", "", inputs)
+    return outputs
 
 
 def _predicate(name: str, pred: Any) -> torch.Tensor:

@@ -106,6 +106,10 @@ def _lower_scan_like(
         return new
 
     final = state.build("scan", cond_fn, body_fn)
+    from . import report_lowered
+
+    kind = "map" if fn_name == "f" else "scan"
+    report_lowered(name, kind, "one XLA While (xs read and ys written by dynamic slices)", f"static, {length}", carries)
     return tuple(final[k] for k in carry_at + ys_at)
 
 

@@ -25,6 +25,7 @@ import torch_xla.core.xla_builder as xb
 
 from .. import metrics
 from ..errors import LoopLoweringError, loop_name
+from ..explain import deeper
 from ..ops import spec_of
 from .sharding import pinned
 
@@ -356,7 +357,7 @@ def stage_computation(
     placeholders = [xb.create_placeholder_tensor(t.shape, t.dtype) for t in inputs]
     _on_placeholders[0] += 1
     try:
-        with own_rng_root():
+        with own_rng_root(), deeper():
             outputs = fn(pinned(placeholders, carry_shardings))
             outputs = pinned([scalar_to_tensor(o) if not isinstance(o, torch.Tensor) else o for o in outputs], carry_shardings)
     except BaseException as error:

@@ -48,7 +48,11 @@ def lower_while_loop(
     inputs = carries + extras
     cond = stage_computation("while_cond", run_cond, inputs)
     body = stage_computation("while_body", run_body, inputs, carry_shardings=shardings_of(carries))
-    return tuple(_build_while(cond, body, inputs, num_carries))
+    final = tuple(_build_while(cond, body, inputs, num_carries))
+    from . import report_lowered
+
+    report_lowered(name, "while_loop", "one XLA While", "data-dependent (read on the device)", carries)
+    return final
 
 
 def _build_while(

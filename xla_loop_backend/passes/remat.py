@@ -20,16 +20,20 @@ Runs after `while_loops`, whose calls it configures.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import torch
 from torch._higher_order_ops.scan import scan_op
 
-from ..ops import register
+from ..explain import carry_bytes, kib, record
+from ..ops import example_value, register
 from ..options import PassContext
 from ..traversal import GraphPass, Site, replace_call, unchanged
 from .stacked_while import segment_length
 from .while_loops import bounded_while
+
+_LOG = logging.getLogger(__name__)
 
 
 def segmented_scan(combine_fn: Any, init: Any, xs: Any, additional_inputs: Any, *, remat: bool | int) -> list[torch.Tensor]:
@@ -75,8 +79,22 @@ def scan_in_segments(
 
 def segment_scan(site: Site, context: PassContext) -> None:
     remat = context.options.remat
+    if site.depth == 0 and site.may_need_grad(context.training):
+        _record_stores(site, remat)
     if remat and site.depth == 0 and site.may_need_grad(context.training) and site.call.node.target is not segmented_scan:
         replace_call(site.call, segmented_scan, remat=remat)
+
+
+def _record_stores(site: Site, remat: bool | int) -> None:
+    xs = [example_value(v) for v in site.call.args["xs"]]
+    length = xs[0].shape[0] if xs and isinstance(xs[0], torch.Tensor) else 0
+    each = carry_bytes(site)
+    if remat:
+        k = segment_length(length, remat)
+        stores = f"the carries at {-(-length // k)} segment starts and one segment's {k} steps (remat={remat}), {kib(each)} each"
+    else:
+        stores = f"every step's carries: {length} steps of {kib(each)}, {kib(length * each)}"
+    record(_LOG, "stores", f"{site.name}: its backward stores {stores}", where=site.name.split(" at ", 1)[-1], stores=stores)
 
 
 def segment_while(site: Site, context: PassContext) -> None:

@@ -37,6 +37,7 @@ First in the pipeline: the scans it makes then meet every pass as the user's own
 """
 from __future__ import annotations
 
+import logging
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,9 +47,13 @@ import torch.fx
 from torch._higher_order_ops.scan import scan_op
 
 from .. import metrics
+from ..errors import loop_name
+from ..explain import record
 from ..ops import example_value
 from ..options import PassContext
 from ..traversal import GraphPass, unchanged
+
+_LOG = logging.getLogger(__name__)
 
 _invoke_subgraph = torch.ops.higher_order.invoke_subgraph
 _FIRST_OPERAND = 2  # invoke_subgraph(subgraph, identifier, *operands)
@@ -166,6 +171,8 @@ def roll_chains(gm: torch.fx.GraphModule, context: PassContext) -> None:
         if plan is not None:
             plan.apply(once)
             metrics.increment(metrics.LAYERS_ROLLED, len(chain))
+            first = loop_name("layer", chain[0].node).removeprefix("layer at ")
+            record(_LOG, "rolled", f"rolled {len(chain)} layers (the first at {first}) into one scan", layers=len(chain), where=first)
 
 
 @dataclass

@@ -21,15 +21,19 @@ torch's op and are lowered as they are, with no report and no host read.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import torch
 from torch._higher_order_ops.while_loop import while_loop_op
 
+from ..explain import carry_bytes, kib, record
 from ..ops import loop_device, register
 from ..options import PassContext, current_capacity
 from ..traversal import GraphPass, Site, replace_call, unchanged
 from .stacked_while import LoopFunctions, StackedWhile, StackSpec, segment_length
+
+_LOG = logging.getLogger(__name__)
 
 
 def bounded_while(
@@ -91,6 +95,12 @@ def bound(site: Site, context: PassContext) -> None:
         return
     context.trains_loops |= may_train
     context.reporting_loops.append(site.name)
+    if may_train:
+        each, rows = kib(carry_bytes(site)), context.options.first_capacity()
+        stores = f"every iteration's carries, {each} each, in a stack of {rows} iterations that grows by recompiling"
+        if context.options.remat and site.depth == 0:
+            stores = f"every k-th iteration's carries (remat={context.options.remat}), {each} each, and recomputes the rest"
+        record(_LOG, "stores", f"{site.name}: its backward stores {stores}", where=site.name.split(" at ", 1)[-1], stores=stores)
     replace_call(site.call, bounded_while, max_iterations=max_iterations, may_train=may_train)
 
 
