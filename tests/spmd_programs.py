@@ -395,7 +395,30 @@ def resharded_input() -> dict:
     return {"equal_per_call": results, "sharding_retraces": xl.metrics.counter_value(xl.metrics.SHARDING_RETRACES)}
 
 
-CASES = {f.__name__: f for f in (data_parallel_while, data_parallel_scan, tensor_parallel_mlp, conflicting_shardings,
+def scan_layers_data_parallel() -> dict:
+    """xla_loop_backend.scan_layers over 4 layers, the batch split over 4 devices, trained:
+    results and each layer's gradient against the same layers on CPU."""
+    mesh = xs.Mesh(np.arange(4), (4, 1), ("data", "model"))
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh()) for _ in range(4))
+    x = torch.randn(8, 16)
+    expected = x
+    for layer in layers:
+        expected = layer(expected)
+    expected.pow(2).sum().backward()
+    grads = [p.grad.clone() for p in layers.parameters()]
+    layers.zero_grad(set_to_none=True)
+    layers.to(DEV)
+    compiled = xl.compile(lambda h: xl.scan_layers(layers, h), fullgraph=True)
+    out = compiled(sharded(x, mesh, ("data", None)))
+    out.pow(2).sum().backward()
+    return {"equal": close(out, expected) and all(close(p.grad, g) for p, g in zip(layers.parameters(), grads)),
+            "output": spec(out), "grad_layouts_match": all(
+                (spec(p.grad) or "{replicated}") == (spec(p) or "{replicated}") for p in layers.parameters()),
+            "collectives_by_program": collectives_by_program()}
+
+
+CASES = {f.__name__: f for f in (scan_layers_data_parallel, data_parallel_while, data_parallel_scan, tensor_parallel_mlp, conflicting_shardings,
                                    constraint_in_body, training_through_sharded_scan, training_steps_scan,
                                    training_steps_while, training_steps_replicated, resharded_input,
                                    batch_sharded_scan_training, fsdp_gru, fsdp_gru_not_gathered)}

@@ -25,12 +25,18 @@ def test_the_passes_in_order():
 
 def test_op_fixes_and_dynamo_rules_are_installed_on_import():
     from torch._dynamo.variables.higher_order_ops import TorchHigherOrderOperatorVariable
+    from torch._dynamo.variables.functions import UserFunctionVariable
     from torch._dynamo.variables.tensor import TensorVariable
 
     assert getattr(scan_op.py_kernels[DispatchKey.Autograd], "_xla_loop_fixes_184528", False)
-    assert [rule.__name__ for rule in pipeline.DYNAMO_RULES] == ["install", "install_op_labels"]
+    assert [f"{rule.__module__}.{rule.__name__}" for rule in pipeline.DYNAMO_RULES] == [
+        "xla_loop_backend.indexing.install",
+        "xla_loop_backend.errors.install_op_labels",
+        "xla_loop_backend.torch_xla_loops.install",
+    ]
     assert getattr(TensorVariable.call_method, "_xla_loop_indexing", False)
     assert getattr(TorchHigherOrderOperatorVariable.call_function, "_xla_loop_labels", False)
+    assert getattr(UserFunctionVariable.call_function, "_xla_loop_stand_ins", False)
 
 
 def _loop(n, x):

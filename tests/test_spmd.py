@@ -105,3 +105,14 @@ def test_without_gathering_fsdp_gathers_the_weights_every_iteration():
     assert result["equal"]
     assert all(body for program in result["weights_gathered_in_bodies"] for body in program)
     assert result["grad_shardings"] == result["param_shardings"]
+
+
+def test_scan_layers_trains_data_parallel():
+    # xla_loop_backend.scan_layers composes with SPMD: the forward While computes each shard's
+    # rows alone; the backward sums the stacked weights' gradients over the batch once.
+    result = run_case("scan_layers_data_parallel")
+    assert result["equal"] and result["grad_layouts_match"]
+    assert result["output"] == "{devices=[4,1]0,1,2,3}"
+    forward, backward = result["collectives_by_program"][:2]
+    assert forward == [[]], result["collectives_by_program"]
+    assert all(set(body) <= {"all-reduce"} for body in backward), result["collectives_by_program"]

@@ -18,7 +18,7 @@ from ._device import select_default_device
 select_default_device()
 xla_loop_cpu_defaults.apply()  # (before torch_xla starts its client; see that module)
 
-from .api import cond, fori_loop, scan, while_loop  # noqa: E402
+from .api import cond, fori_loop, scan, scan_layers, while_loop  # noqa: E402
 from .backend import compile, compile_graph, xla_loop  # noqa: E402
 from .explain import Report, explain  # noqa: E402
 from .fallback import LoopFallbackWarning  # noqa: E402
@@ -32,6 +32,7 @@ __all__ = [
     "explain",
     "fori_loop",
     "scan",
+    "scan_layers",
     "while_loop",
     "with_sharding_constraint",
     "xla_loop",

@@ -1,4 +1,4 @@
-"""User-facing loop functions: `while_loop`, `scan`, `fori_loop` and `cond`, with clear errors.
+"""User-facing loop functions: `while_loop`, `scan`, `fori_loop`, `cond` and `scan_layers`, with clear errors.
 
 Each checks its inputs and what its body returns by pytree path, so an error names the
 loop, the carry and what was expected vs found (torch's own checks report a flat position,
@@ -12,7 +12,7 @@ with a host sync per iteration.
 from __future__ import annotations
 
 import types
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -115,6 +115,97 @@ def scan(
 
     carry, ys = _on_device(_run_scan, loop, checked_combine, trees.tree_map(_dense, init), xs, dim, reverse)
     return carry, _show_none(ys)
+
+
+def scan_layers(layers: Iterable[torch.nn.Module], input_data: Any, *, name: str | None = None) -> Any:
+    """``for layer in layers: input_data = layer(input_data)``, as one scan: torch_xla's
+    `scan_layers` call, for layers of one structure (the decoder layers of a model).
+
+    The first layer runs as a function of its parameters and buffers
+    (`torch.func.functional_call`), scanned over every layer's parameters and buffers stacked
+    along a new first dimension. So Dynamo traces one layer, once, whatever the depth, and
+    the graph is one XLA While. The stacks are made from the layers' own tensors each call,
+    so each layer's gradient lands in its own `.grad`, and optimizers see the model as it is.
+    Each layer must have layers[0]'s parameters and buffers, by name, shape and dtype, and as
+    many in each module that holds some (an error names the first layer and tensor that
+    differ), and compute the same function of them (not checked, as in torch_xla). A layer
+    may not update its buffers in place. A tuple `input_data` is the layers' arguments.
+    """
+    layers = list(layers)
+    if not layers:
+        return input_data
+    loop = name or f"scan_layers over {len(layers)} {type(layers[0]).__name__}"
+    template = layers[0]
+    owners = _weight_owners(template)
+    first = _layer_weights(loop, 0, template, owners, None)
+    weights = [first, *(_layer_weights(loop, i, layer, owners, first) for i, layer in enumerate(layers[1:], start=1))]
+    stacked = {key: torch.stack([w[key] for w in weights]) for key in first}
+
+    def one_layer(h: Any, layer_weights: dict[str, torch.Tensor]) -> tuple[Any, None]:
+        return _call_with_weights(template, owners, layer_weights, h), None
+
+    out, _ = scan(one_layer, input_data, stacked, name=loop)
+    return out
+
+
+def _weight_owners(layer: torch.nn.Module) -> list[tuple[str, list[str]]]:
+    """The modules in `layer` that hold parameters or buffers themselves: (path, their names)."""
+    owners = []
+    for prefix, module in layer.named_modules(remove_duplicate=False):
+        own = _own_tensors(module)
+        if own:
+            owners.append((prefix, own))
+    return owners
+
+
+def _own_tensors(module: torch.nn.Module) -> list[str]:
+    """The names of the parameters and buffers a module holds itself (not None: `bias=False`
+    registers one as None)."""
+    return [name for table in (module._parameters, module._buffers) for name, t in table.items() if t is not None]
+
+
+def _layer_weights(
+    loop: str, index: int, layer: torch.nn.Module, owners: list[tuple[str, list[str]]], like: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """A layer's parameters and buffers by their names in it, found at layers[0]'s paths
+    (attribute reads: Dynamo traces a `named_parameters()` of every layer slowly, about
+    50 ms a layer), checked against layers[0]'s (`like`)."""
+    found = {}
+    for prefix, names in owners:
+        module = layer.get_submodule(prefix) if prefix else layer
+        if like is not None and len(_own_tensors(module)) != len(names):
+            raise_loop_error(
+                f"{loop}: every layer must have layers[0]'s parameters and buffers; layers[{index}]"
+                f"{'.' + prefix if prefix else ''} holds {len(_own_tensors(module))}, "
+                f"layers[0]{'.' + prefix if prefix else ''} holds {len(names)} ({', '.join(names)})"
+            )
+        for own in names:
+            key = f"{prefix}.{own}" if prefix else own
+            tensor = getattr(module, own, None)
+            want = None if like is None else like[key]
+            if want is not None and (
+                not isinstance(tensor, torch.Tensor) or tensor.shape != want.shape or tensor.dtype != want.dtype
+            ):
+                raise_loop_error(
+                    f"{loop}: every layer must have layers[0]'s parameters and buffers; layers[{index}].{key} "
+                    f"is {describe_value(tensor) if tensor is not None else 'missing'}, layers[0].{key} is {describe_value(want)}"
+                )
+            found[key] = tensor
+    return found
+
+
+def _call_with_weights(layer: torch.nn.Module, owners: list[tuple[str, list[str]]], weights: dict[str, torch.Tensor], h: Any) -> Any:
+    """`layer(*h)` (h a tuple) or `layer(h)` with `weights` in place of its parameters and
+    buffers: `torch.func.functional_call`, one module at a time. Dynamo traces functional_call
+    inside a loop body only for a module holding its tensors itself: it allows the swap of
+    that module's tensors, and refuses the swap of a submodule's as a side effect."""
+    if not owners:
+        return layer(*h) if isinstance(h, tuple) else layer(h)
+    (prefix, names), rest = owners[0], owners[1:]
+    module = layer.get_submodule(prefix) if prefix else layer
+    swapped = {own: weights[f"{prefix}.{own}" if prefix else own] for own in names}
+    with torch.nn.utils.stateless._reparametrize_module(module, swapped):
+        return _call_with_weights(layer, rest, weights, h)
 
 
 def cond(

@@ -63,6 +63,14 @@ def _unrolled_on_xla_outside_graph(op: Any) -> Any:
     return warn_then_unroll
 
 
+def remove_eager_while_loop_kernel() -> None:
+    """Take back the XLA kernel of torch's while_loop registered below (torch allows one
+    registration, and torch_xla's fori_loop module makes its own at import)."""
+    if while_loop_op.py_kernels.get(DispatchKey.XLA) is _while_loop_on_xla_outside_graph:
+        del while_loop_op.py_kernels[DispatchKey.XLA]
+        while_loop_op._dispatch_cache.clear()
+
+
 def install_eager_warning() -> None:
     """Register the warning XLA implementations once (and never over other ones)."""
     if DispatchKey.XLA not in while_loop_op.py_kernels:

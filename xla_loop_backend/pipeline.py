@@ -9,7 +9,8 @@
       │    remat        trained loops store fewer carries (option `remat`)
       ▼
     AOTAutograd: forward and backward graphs (OP_FIXES patch torch's ops it traces;
-      │  DYNAMO_RULES teach Dynamo, before all this, counter indexing and op labels)
+      │  DYNAMO_RULES teach Dynamo, before all this, counter indexing, op labels and
+      │  torch_xla's loop functions)
       │  AFTER_AUTOGRAD, on each graph
       │    on_device         tensors the graph makes on the CPU are made on the device
       │    torch_xla_fixes   rewrites around torch_xla ops that give wrong results
@@ -32,7 +33,8 @@ Ordering constraints:
 - OP_FIXES before anything traces a loop op (installed at import): they fix the op itself,
   so they reach loops at every depth, also those the passes make, and eager calls.
 - DYNAMO_RULES before Dynamo traces a body (installed at import): `x[t]`, `out[:, t] = v`,
-  `x.narrow(d, t, k)` with a loop counter t become dynamic slices (`indexing.py`).
+  `x.narrow(d, t, k)` with a loop counter t become dynamic slices (`indexing.py`); calls of
+  torch_xla's scan, scan_layers and fori_loop become xla_loop's (`torch_xla_loops.py`).
 - `on_device` first after AOTAutograd: the passes before it and AOTAutograd itself trace
   with eager's devices (a CPU counter stays a CPU fake tensor), and every graph AOTAutograd
   makes, forward and backward, has its CPU tensors moved before anything runs it.
@@ -61,16 +63,17 @@ from .explain import record_graph
 from .fallback import warn_host_loop
 from .lowering.driver import lower_loops
 from .options import Options, PassContext, stack_capacity
-from . import indexing
+from . import indexing, torch_xla_loops
 from .passes import on_device, reports, remat, roll_layers, torch_fixes, torch_xla_fixes, unalias, while_loops
 
 BEFORE_AUTOGRAD = (roll_layers.PASS, unalias.PASS, while_loops.PASS, reports.PASS, remat.PASS)
 OP_FIXES = torch_fixes.OP_FIXES
 AFTER_AUTOGRAD = (on_device.PASS, torch_xla_fixes.PASS)
 
-# Dynamo's tracing taught what xla_loop lowers (indexing with a loop counter in bodies), and
-# to say which of torch's control-flow ops it was tracing when an error comes.
-DYNAMO_RULES = (indexing.install, install_op_labels)
+# Dynamo's tracing taught what xla_loop lowers (indexing with a loop counter in bodies,
+# torch_xla's loop functions), and to say which of torch's control-flow ops it was tracing
+# when an error comes.
+DYNAMO_RULES = (indexing.install, install_op_labels, torch_xla_loops.install)
 
 for _install in (*OP_FIXES, *DYNAMO_RULES):
     _install()
