@@ -1,5 +1,5 @@
 """Training memory vs compute with and without `remat`, for a GRU trained through a long scan
-and for a stepper trained through a while_loop (its stack holding every iteration).
+and for a stepper trained through a while_loop (as many checkpoints as iterations: without remat it stores every one).
 
 Each configuration runs in its own process (peak RSS is per process): it compiles one
 training step (forward + backward) with xla_loop, runs it a few times, and reports the
@@ -47,7 +47,7 @@ def measure(workload: str, remat: str) -> dict:
 
         args = (torch.tensor(STEPS, device=dev), torch.randn(BATCH, HIDDEN, device=dev))
         params = list(lin.parameters())
-    compiled = xl.compile(loss_fn, fullgraph=True, capacity=STEPS, remat=remat_option)
+    compiled = xl.compile(loss_fn, fullgraph=True, checkpoints=STEPS, remat=remat_option)
     times = []
     for i in range(4):
         torch_xla.sync()

@@ -69,31 +69,48 @@ def test_targets_are_judged_on_the_median_of_paired_rounds():
     assert without_rounds[3] == "6.2× faster" and without_rounds[5] == "no (one measurement each)"
 
 
-def test_training_while_worker_runs_trip_counts_without_recompiling():
+def test_training_while_worker_runs_every_trip_count_without_compiling_or_reading_back():
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "train_while.py"), "--worker", "xla_loop", "2,9", "2", "8"],
+        [sys.executable, str(BENCHMARKS / "train_while.py"), "--worker", "steps", "4,0", "2,9", "2"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "PJRT_DEVICE": "CPU"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(result.stdout.strip().splitlines()[-1])
-    # 9 trips outgrow capacity 8 on the first calls (one recompile there), then nothing
-    assert record["compiles_after_warmup"] == 0
-    assert sorted(record["steps_s"]) == ["2", "9"] and all(len(v) == 2 for v in record["steps_s"].values())
+    # (9 trips outrun 4 checkpoints: recomputed, not recompiled)
+    assert record["compiles_in_rounds"] == 0 and record["host_syncs_in_rounds"] == 0
+    assert sorted(record["steps_s"]) == ["0", "4"] and all(len(v) == 2 for v in record["steps_s"]["4"].values())
+
+
+def test_training_while_schedule_matches_what_its_docstring_promises():
+    sys.path.insert(0, str(BENCHMARKS))
+    import train_while
+
+    assert train_while.schedule_recomputes(32, 32) == 0  # (a loop that fits recomputes nothing)
+    for c in (8, 32, 128):  # (never below the offline optimum; within 1.7x of it from n = 2C)
+        for n in (50, 256, 1000, 5000, 10000):
+            ours, fewest = train_while.schedule_recomputes(n, c), train_while.revolve_recomputes(n, c)
+            assert fewest <= ours <= (1.7 if n >= 2 * c else 2.5) * fewest, (n, c, ours, fewest)
 
 
 def test_training_while_report_judges_the_median_of_paired_rounds():
     sys.path.insert(0, str(BENCHMARKS))
     import train_while
 
-    steps = {"8": [0.01, 0.05, 0.01], "256": [0.1, 0.1, 0.1]}  # ratios 0.1, 0.5, 0.1: median 0.1
-    results = {
-        "xla_loop": {"steps_s": steps, "compiles_after_warmup": 0, "first_call_s": {"8": 1.0, "256": 0.5}},
-        "masked_scan": {"steps_s": {"8": [0.1], "256": [0.1]}},
-        "eager": {"steps_s": {"8": [0.01], "256": [0.2]}},
-        "openxla": {"steps_s": {"8": [0.01]}, "first_call_s": {"8": 2.0}},
+    trips = ["8", "256", "5000"]
+    steps = {
+        "first_call_s": {"32": 1.0, "0": 1.0},
+        "steps_s": {
+            "32": {"8": [0.01, 0.05, 0.01], "256": [0.1, 0.1, 0.1], "5000": [2.0, 2.0, 2.0]},  # 8/256: median 0.1
+            "0": {n: [1.0, 1.0, 1.0] for n in trips},  # 5000: 2.0x
+        },
+        "forward_s": {n: [0.5, 0.5, 0.5] for n in trips},
+        "compiles_in_rounds": 0,
+        "host_syncs_in_rounds": 0,
     }
-    text = train_while.report(results, {64: 1000.0}, 3, 10.0)
+    memory = {"32,50": 1000.0, "32,5000": 1050.0, "0,50": 1000.0, "0,5000": 1500.0}
+    text = train_while.report(steps, {"steps_s": {"8": [0.01]}}, memory, 3, 10.0)
     assert "**0.100**" in text and "goal at most 0.15: met" in text
+    assert "**2.00x**" in text and "goal at most 3x: met" in text and "(+5.0%); goal within 10%: met" in text
 
 
 def test_spmd_collectives_table_names_each_while_body():

@@ -174,11 +174,11 @@ def test_a_new_python_number_is_a_recompile_with_its_reason():
         assert re.search(rf"s\d+=2, s\d+={k}\)", line), line  # (x's size 2, symbolic under dynamic=True, and k)
 
 
-def test_a_trained_while_loop_outgrowing_its_stack_is_a_recompile_with_its_reason():
+def test_a_trained_while_loop_running_longer_than_its_checkpoints_is_no_recompile():
     dev = xla_device()
     w = torch.nn.Parameter(torch.full((2,), 0.5, device=dev))
 
-    @xl.compile(fullgraph=True, capacity=4)
+    @xl.compile(fullgraph=True, checkpoints=4)
     def f(n, x):
         def body(i, x):
             return i + 1, x * w
@@ -189,6 +189,5 @@ def test_a_trained_while_loop_outgrowing_its_stack_is_a_recompile_with_its_reaso
         f(torch.tensor(3, device=dev), torch.ones(2, device=dev)).backward()
         f(torch.tensor(9, device=dev), torch.ones(2, device=dev)).backward()
 
-    lines = _recompile_lines(run)
-    assert len(lines) == 1 and "ran 9 iterations, more than its stack holds; capacity 16" in lines[0], lines
+    assert _recompile_lines(run) == []
     assert torch.allclose(w.grad.cpu(), torch.tensor([3 * 0.5**2 + 9 * 0.5**8] * 2))

@@ -9,7 +9,7 @@ from training_programs import TrainingProgram
 REGRESSIONS = {
     # The loss adds two carries of a trained while_loop, so autograd hands both one gradient
     # tensor; the backward While refused its aliased carries ("cond_fn might be aliasing
-    # the input or the output!"). Fixed: stacked_while makes the gradients distinct.
+    # the input or the output!"). Fixed: checkpointed_while makes the gradients distinct.
     "two carries, one gradient tensor": TrainingProgram(
         source=(
             'class Program(torch.nn.Module):\n'

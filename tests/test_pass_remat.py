@@ -1,5 +1,5 @@
 """passes/remat.py: with `remat`, trained loops store fewer carries and give the same
-gradients: scans run in segments, trained while_loops store every k-th iteration."""
+gradients: scans run in segments, trained while_loops keep fewer checkpoints."""
 from __future__ import annotations
 
 import pytest
@@ -7,6 +7,7 @@ import torch
 from functorch.compile import make_boxed_func
 from loop_testing import dynamo_graph, xla_device
 from torch._higher_order_ops.scan import scan
+from torch._higher_order_ops.while_loop import while_loop
 from training_testing import ResidualStepper, ScanRnn, train_step_against_python
 
 from xla_loop_backend import pipeline
@@ -50,13 +51,34 @@ def test_remat_stores_carries_per_segment_instead_of_per_step(remat, stored):
 
 
 
-@pytest.mark.parametrize("remat, rows", [(False, 65), (8, 9), (True, 9)])
-def test_a_trained_while_loop_stores_every_kth_iteration(remat, rows):
-    # Capacity 64: all 64 iterations and a spare row, or one in 8 (True: k = sqrt(64)).
+@pytest.mark.parametrize("remat, checkpoints", [(False, 32), (8, 4), (3, 11), (True, 5)])
+def test_a_trained_while_loop_keeps_fewer_checkpoints(remat, checkpoints):
+    # The default 32 checkpoints divided by k (True: sqrt(32)): what the forward hands the
+    # backward is that many copies of the carry and the row the others write to.
     torch.manual_seed(0)
     args = (torch.tensor(5, device=xla_device()), torch.randn(4, 6, device=xla_device()))
     saved = _forward_saved_shapes(ResidualStepper().to(xla_device()), args, remat)
-    assert [shape for shape in saved if shape[1:] == (4, 6)] == [(rows, 4, 6)], saved
+    assert [shape for shape in saved if shape[1:] == (4, 6)] == [(checkpoints + 1, 4, 6)], saved
+    assert remat_pass.while_checkpoints(32, remat) == checkpoints
+
+
+def test_a_nested_trained_while_loop_keeps_its_checkpoints():
+    w = torch.randn(3, 3, requires_grad=True)
+
+    def f(h, xs):
+        def combine(c, x):
+            _, inner = while_loop(lambda i, d: i < 3, lambda i, d: (i + 1, torch.tanh(d @ w)), (torch.zeros((), dtype=torch.int64), c))
+            return inner + x, c.sum()
+
+        _, h = while_loop(lambda i, h: i < 2, lambda i, h: (i + 1, scan(combine, h, xs)[0]), (torch.zeros((), dtype=torch.int64), h))
+        return h
+
+    gm = dynamo_graph(f, torch.zeros(3), torch.ones(4, 3))
+    context = PassContext(Options(remat=4), training=True)
+    while_loops.PASS.run(gm, context)
+    remat_pass.PASS.run(gm, context)
+    counts = {s.depth: s.call.node.kwargs["checkpoints"] for s in sites(gm) if s.call.kind == "while_loop"}
+    assert counts == {0: 8, 2: 32}
 
 
 def test_only_top_level_loops_are_segmented():

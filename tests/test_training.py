@@ -129,9 +129,9 @@ def test_exceeding_max_iterations_is_an_error_then_the_process_still_works():
 
 
 def test_training_through_while_loop_needs_no_options():
-    # torch.compile(model, backend="xla_loop"), nothing else: the loop's real trip count is
-    # stored on the device (passes/stacked_while.py), and the stack grows on demand (300 >
-    # the first capacity, 64), recompiling once.
+    # torch.compile(model, backend="xla_loop"), nothing else: the loop runs its real trip
+    # count on the device and keeps 32 checkpoints (passes/checkpointed_while.py), so 300
+    # iterations recompute from them.
     torch.manual_seed(0)
     reference = StepperWithHead()
     model = copy.deepcopy(reference).to(xla_device())

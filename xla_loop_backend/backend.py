@@ -47,6 +47,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     fullgraph: bool = False,
     dynamic: bool | None = None,
     max_iterations: int | None = None,
+    checkpoints: int | None = None,
     capacity: int | None = None,
     remat: bool | int = False,
     roll_layers: bool = True,
@@ -57,7 +58,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
 
     Use bare (``@xla_loop_backend.compile``) or with torch.compile's options
     (``@xla_loop_backend.compile(fullgraph=True, dynamic=False)``) and xla_loop's
-    (`max_iterations`, `capacity`, `remat`, `roll_layers`, `gather_invariants`: see `options.OPTIONS`).
+    (`max_iterations`, `checkpoints` (`capacity`, its old name), `remat`, `roll_layers`, `gather_invariants`: see `options.OPTIONS`).
     A loop error surfaces
     as the `LoopLoweringError` itself rather than wrapped in Dynamo's exceptions.
     """
@@ -67,13 +68,14 @@ def compile(  # noqa: A001 - mirrors torch.compile
             fullgraph=fullgraph,
             dynamic=dynamic,
             max_iterations=max_iterations,
+            checkpoints=checkpoints,
             capacity=capacity,
             remat=remat,
             roll_layers=roll_layers,
             gather_invariants=gather_invariants,
             **options,
         )
-    backend_options = {"max_iterations": max_iterations, "capacity": capacity, "remat": remat}
+    backend_options = {"max_iterations": max_iterations, "checkpoints": checkpoints, "capacity": capacity, "remat": remat}
     backend_options = {k: v for k, v in backend_options.items() if v not in (None, False)}
     if gather_invariants is not None:
         backend_options["gather_invariants"] = gather_invariants

@@ -7,11 +7,11 @@
   the graph's Python int and bool results back (once, after the whole graph ran), and gives
   gradients of CPU tensors back on the CPU. Under SPMD, the backward's gradients are laid
   out like their inputs (`GradientLayout`).
-- `ReportingCall`, around the whole compiled function when its graph has bounded or
-  trained while_loops (`passes/while_loops.py`): reads the loops' report (one scalar, one
-  host read per call, none per iteration); raises if a loop was still running after
-  `max_iterations`; and when a trained loop needed more iterations than its stack holds,
-  compiles again with a larger capacity and reruns the call.
+- `ReportingCall`, around the whole compiled function when its graph has while_loops
+  bounded by `max_iterations` (`passes/while_loops.py`): reads the loops' report (one
+  scalar, one host read per call, none per iteration) and raises if a loop was still
+  running after `max_iterations`. (Trained loops read nothing back: their checkpoints are
+  fixed, `passes/checkpointed_while.py`.)
 """
 from __future__ import annotations
 
@@ -268,51 +268,18 @@ def _scalars_at(result: Any, types: dict[int, type]) -> Any:
     return values[0] if single else type(result)(values) if isinstance(result, tuple) else values
 
 
-def grown_capacity(needed: int, max_iterations: int | None) -> int:
-    """The smallest power of two that holds `needed` iterations, within `max_iterations`:
-    so a function recompiles at most log2(largest trip count / first capacity) + 1 times."""
-    capacity = 1 << max(needed - 1, 0).bit_length()
-    return capacity if max_iterations is None else min(capacity, max_iterations)
-
-
 class ReportingCall:
-    """The compiled function of a graph that returns its loops' report last (see above).
+    """The compiled function of a graph that returns its loops' report last (see above)."""
 
-    `build(capacity)` compiles the graph with trained while_loops storing `capacity`
-    iterations."""
-
-    def __init__(
-        self,
-        build: Callable[[int], Callable[..., Any]],
-        capacity: int,
-        loops: list[str],
-        max_iterations: int | None,
-        trains: bool,
-    ):
-        self.build, self.capacity, self.loops = build, capacity, loops
-        self.max_iterations, self.trains = max_iterations, trains
-        self.compiled = build(capacity)
+    def __init__(self, compiled: Callable[..., Any], loops: list[str], max_iterations: int):
+        self.compiled, self.loops, self.max_iterations = compiled, loops, max_iterations
 
     def __call__(self, *args: Any) -> Any:
-        while True:
-            *outputs, report = self.compiled(*args)
-            needed = int(report.item())
-            if self.max_iterations is not None and needed > self.max_iterations:
-                raise LoopLoweringError(
-                    f"{' or '.join(self.loops)}: still running after max_iterations={self.max_iterations} "
-                    "iterations; its results (and gradients) would be wrong. Raise max_iterations, or "
-                    "check the loop's condition."
-                )
-            if not self.trains or needed <= self.capacity:
-                return outputs
-            # A trained loop ran past its stack: its gradients would be wrong. Compile with
-            # room for it, and run the call again (the first run's results are dropped).
-            self.capacity = grown_capacity(needed, self.max_iterations)
-            metrics.increment(metrics.CAPACITY_GROWTHS)
-            record(
-                _LOG, "recompile",
-                f"compiles again: a trained while_loop ({' or '.join(self.loops)}) ran {needed} iterations, "
-                f"more than its stack holds; capacity {self.capacity}, and the call runs again",
-                why="stack growth",
+        *outputs, report = self.compiled(*args)
+        if int(report.item()) > self.max_iterations:
+            raise LoopLoweringError(
+                f"{' or '.join(self.loops)}: still running after max_iterations={self.max_iterations} "
+                "iterations; its results (and gradients) would be wrong. Raise max_iterations, or "
+                "check the loop's condition."
             )
-            self.compiled = self.build(self.capacity)
+        return outputs

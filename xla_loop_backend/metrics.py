@@ -16,7 +16,6 @@ from collections import Counter
 LOOPS_LOWERED = "loops_lowered"
 SUBGRAPHS_TRACED = "subgraphs_traced"
 HOST_LOOP_FALLBACKS = "host_loop_fallbacks"
-CAPACITY_GROWTHS = "capacity_growths"
 SHARDING_RETRACES = "sharding_retraces"
 LAYERS_ROLLED = "layers_rolled"
 LAYER_STACKINGS = "layer_stackings"

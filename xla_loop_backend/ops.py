@@ -75,7 +75,7 @@ _SPECS: dict[Any, OpSpec] = {
         unsupported=(
             "it returns every iteration's carries stacked, a tensor whose length is the trip count, "
             "known only at run time, and an XLA program needs static shapes. (torch's while_loop "
-            "autograd makes it; xla_loop trains through while_loop with a fixed-capacity stack "
+            "autograd makes it; xla_loop trains through while_loop with a fixed number of checkpoints "
             "instead: call while_loop.)"
         ),
     ),

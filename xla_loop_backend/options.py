@@ -1,8 +1,9 @@
 """The backend's options, and what one compile knows while the passes run.
 
 `max_iterations` bounds every while_loop (a loop still running after that many iterations
-makes the call raise); `capacity` is how many iterations a trained while_loop stores before
-its stack grows; `remat` trades compute for the memory of stored carries; `roll_layers`
+makes the call raise); `checkpoints` is how many copies of its carries a trained while_loop
+keeps for its backward, whatever its trip count (`capacity`, its old name, is a synonym);
+`remat` trades compute for the memory of stored carries; `roll_layers`
 runs repeated layers as one scan; `gather_invariants` (SPMD) gathers a While's sharded loop
 invariants once before it. See `passes/while_loops.py`, `passes/remat.py`,
 `passes/roll_layers.py` and `lowering/sharding.py`.
@@ -16,13 +17,21 @@ from typing import Any, Iterator
 
 import torch
 
-DEFAULT_CAPACITY = 64
+DEFAULT_CHECKPOINTS = 32
 DEFAULT_INVARIANT_BUDGET = 256 * 2**20  # bytes a While's gathered loop invariants may take per device
 
 OPTIONS = {
     "max_iterations": "bound on the trip count of every while_loop (int); a loop still running after it makes the call raise",
-    "capacity": f"iterations a trained while_loop stores before its stack grows (int, default {DEFAULT_CAPACITY}; grown on demand)",
-    "remat": "training: recompute loop steps in the backward, storing carries every k steps (True: k=sqrt(length), or k)",
+    "checkpoints": (
+        f"copies of its carries a trained while_loop keeps for its backward (int, default {DEFAULT_CHECKPOINTS}): "
+        "memory is fixed at any trip count; a loop of at most that many iterations recomputes nothing, a longer one "
+        "recomputes iterations between them"
+    ),
+    "capacity": "the old name of checkpoints (a synonym)",
+    "remat": (
+        "training: recompute loop steps in the backward: a top-level scan stores carries every k steps (True: k=sqrt(length), or k), "
+        "a top-level trained while_loop keeps checkpoints/k checkpoints (True: sqrt(checkpoints))"
+    ),
     "roll_layers": "chains of calls of one subgraph (nested_compile_region; under xla_loop_backend.compile also repeated layers with no marker) run as one scan over the stacked layers (default True)",
     "gather_invariants": (
         "SPMD: a sharded tensor a While reads unchanged every iteration (a captured weight) is gathered once "
@@ -37,7 +46,7 @@ OPTIONS = {
 @dataclass(frozen=True)
 class Options:
     max_iterations: int | None = None
-    capacity: int = DEFAULT_CAPACITY
+    checkpoints: int = DEFAULT_CHECKPOINTS
     remat: bool | int = False
     roll_layers: bool = True
     gather_invariants: bool | int | None = None
@@ -48,11 +57,16 @@ class Options:
         known = {name: given.pop(name) for name in OPTIONS if name in given}
         if given or mode not in (None, "default"):
             raise ValueError(f"xla_loop: unknown options {sorted(given)} / mode {mode!r}; options are {OPTIONS}")
-        parsed = cls(**{k: v for k, v in known.items() if v is not None})
-        for name in ("max_iterations", "capacity"):
-            value = getattr(parsed, name)
+        for name in ("max_iterations", "checkpoints", "capacity"):
+            value = known.get(name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"xla_loop: {name} must be a positive int, found {value!r}")
+        capacity = known.pop("capacity", None)
+        if capacity is not None:
+            if known.get("checkpoints") not in (None, capacity):
+                raise ValueError(f"xla_loop: capacity is the old name of checkpoints; give one, found {capacity!r} and {known['checkpoints']!r}")
+            known["checkpoints"] = capacity
+        parsed = cls(**{k: v for k, v in known.items() if v is not None})
         if not isinstance(parsed.roll_layers, bool):
             raise ValueError(f"xla_loop: roll_layers must be True or False, found {parsed.roll_layers!r}")
         gather = parsed.gather_invariants
@@ -72,10 +86,6 @@ class Options:
             return InvariantGathering(DEFAULT_INVARIANT_BUDGET, fsdp_only=False)
         return InvariantGathering(DEFAULT_INVARIANT_BUDGET if value is None else value, fsdp_only=True)
 
-    def first_capacity(self) -> int:
-        """The stack capacity of the first compile: `capacity`, within `max_iterations`."""
-        return self.capacity if self.max_iterations is None else min(self.capacity, self.max_iterations)
-
 
 @dataclass
 class PassContext:
@@ -85,7 +95,6 @@ class PassContext:
     options: Options
     training: bool
     reporting_loops: list[str] = field(default_factory=list)
-    trains_loops: bool = False  # some reporting loop may be trained: its trip count sizes the stack
     reports: bool = False  # the graph returns one more output, the report
     # (inference) graph inputs the passes added, each the stack of these Dynamo inputs
     # (positions), made at call time and kept while they do not change (call.StackedOnce)
@@ -123,21 +132,3 @@ def invariant_gathering(gathering: InvariantGathering) -> Iterator[None]:
 
 def current_invariant_gathering() -> InvariantGathering:
     return _gathering.get()
-
-
-# How many iterations a trained while_loop stores; read when AOTAutograd traces the loop, so
-# a compile at a larger capacity needs no change to the graph (see call.ReportingCall).
-_capacity: contextvars.ContextVar[int] = contextvars.ContextVar("xla_loop_capacity", default=DEFAULT_CAPACITY)
-
-
-@contextlib.contextmanager
-def stack_capacity(capacity: int) -> Iterator[None]:
-    token = _capacity.set(capacity)
-    try:
-        yield
-    finally:
-        _capacity.reset(token)
-
-
-def current_capacity() -> int:
-    return _capacity.get()

@@ -28,7 +28,7 @@ Ordering constraints:
   the passes after it trace nothing but must see a graph AOTAutograd will accept.
 - `while_loops` before `reports`: it makes the loops that report.
 - `reports` before AOTAutograd: the graph's outputs are fixed when it is traced.
-- `remat` after `while_loops`: it sets the `remat` option of the calls that pass makes
+- `remat` after `while_loops`: it sets the checkpoint count of the calls that pass makes
   (before or after `reports`: the segmented scan passes extra ys through).
 - OP_FIXES before anything traces a loop op (installed at import): they fix the op itself,
   so they reach loops at every depth, also those the passes make, and eager calls.
@@ -62,7 +62,7 @@ from .errors import LoopLoweringError, install_op_labels
 from .explain import record_graph
 from .fallback import warn_host_loop
 from .lowering.driver import lower_loops
-from .options import Options, PassContext, stack_capacity
+from .options import Options, PassContext
 from . import indexing, torch_xla_loops
 from .passes import on_device, reports, remat, roll_layers, torch_fixes, torch_xla_fixes, unalias, while_loops
 
@@ -105,24 +105,13 @@ def compile(  # noqa: A001 - the pipeline's one entry
         if context.stacked_inputs:  # (inference: roll_layers made the stacked weights inputs)
             example_inputs = [*example_inputs, *_stacked_examples(example_inputs, context.stacked_inputs)]
 
-        # A compile with a larger stack runs later, at call time: in Dynamo's tracing context
-        # of this graph (its fake tensors and shape environment), as the first one does.
-        tracing_context = torch._guards.TracingContext.try_get()
-
-        def build(capacity: int) -> Callable[..., Any]:
-            # A new aot_autograd backend each time: torch 2.9's instance wraps its bw_compiler
-            # once more per call, so a shared one nests a wrapper per compiled graph (memory,
-            # and after some hundreds of graphs a stack overflow in the backward pass).
-            fw_compiler, bw_compiler = graph_compilers(graph_compiler, options)
-            with torch._guards.tracing(tracing_context), stack_capacity(capacity):
-                return aot_autograd(fw_compiler=fw_compiler, bw_compiler=bw_compiler)(gm, example_inputs)
-
-        if not context.reports:
-            compiled = build(options.first_capacity())
-        else:
-            compiled = ReportingCall(
-                build, options.first_capacity(), context.reporting_loops, options.max_iterations, context.trains_loops
-            )
+        # A new aot_autograd backend each time: torch 2.9's instance wraps its bw_compiler
+        # once more per call, so a shared one nests a wrapper per compiled graph (memory, and
+        # after some hundreds of graphs a stack overflow in the backward pass).
+        fw_compiler, bw_compiler = graph_compilers(graph_compiler, options)
+        compiled = aot_autograd(fw_compiler=fw_compiler, bw_compiler=bw_compiler)(gm, example_inputs)
+        if context.reports:
+            compiled = ReportingCall(compiled, context.reporting_loops, options.max_iterations)
         if context.stacked_inputs:
             compiled = StackedOnce(compiled, context.stacked_inputs)
         on_cpu = _results_on_cpu(gm)

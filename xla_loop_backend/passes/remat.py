@@ -8,8 +8,13 @@ True for k = sqrt(T)):
   and recomputes a segment's steps in its backward: stored carries fall from T to T/k + k,
   for about one more forward pass. (A length k does not divide is padded with steps that
   leave the carries as they are.)
-- while_loop: the trained loop stores every k-th iteration and recomputes the rest
-  (`stacked_while.py`); this pass sets its `remat` option.
+- while_loop: a trained loop keeps C checkpoints (option `checkpoints`,
+  `checkpointed_while.py`) whatever its trip count: with remat it keeps C/k (True: about
+  sqrt(C)). A loop of at most C/k iterations still stores each; a longer one recomputes
+  more between checkpoints. (Not "store every k-th iteration in C rows": the rows are
+  allocated whether filled or not, so that would cost compute and save no memory.)
+
+This pass also records, for `explain`, what each trained loop's backward stores.
 
 Only top-level loops: a loop nested in a trained loop's body runs within one step of its
 enclosing loop's backward, which recomputes that step anyway; what it stores lives only
@@ -21,6 +26,7 @@ Runs after `while_loops`, whose calls it configures.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable
 
 import torch
@@ -30,10 +36,16 @@ from ..explain import carry_bytes, kib, record
 from ..ops import example_value, register
 from ..options import PassContext
 from ..traversal import GraphPass, Site, replace_call, unchanged
-from .stacked_while import segment_length
-from .while_loops import bounded_while
+from .while_loops import bounded_while, trained_while
 
 _LOG = logging.getLogger(__name__)
+
+
+def segment_length(length: int, remat: bool | int) -> int:
+    """Steps per segment: `remat` itself, or about sqrt(length) for remat=True."""
+    if remat is True:
+        return max(1, math.isqrt(max(length, 1) - 1) + 1)
+    return max(1, int(remat))
 
 
 def segmented_scan(combine_fn: Any, init: Any, xs: Any, additional_inputs: Any, *, remat: bool | int) -> list[torch.Tensor]:
@@ -97,10 +109,27 @@ def _record_stores(site: Site, remat: bool | int) -> None:
     record(_LOG, "stores", f"{site.name}: its backward stores {stores}", where=site.name.split(" at ", 1)[-1], stores=stores)
 
 
+def while_checkpoints(checkpoints: int, remat: bool | int) -> int:
+    """A top-level trained while_loop's checkpoint count under remat: C/k (True: sqrt(C))."""
+    if not remat:
+        return checkpoints
+    return max(1, math.isqrt(checkpoints)) if remat is True else max(1, -(-checkpoints // int(remat)))
+
+
 def segment_while(site: Site, context: PassContext) -> None:
-    remat = context.options.remat
-    if remat and site.depth == 0 and site.call.node.target is bounded_while and site.call.node.kwargs.get("may_train"):
-        site.call.node.kwargs = {**site.call.node.kwargs, "remat": remat}
+    node = site.call.node
+    if not (node.target is trained_while or (node.target is bounded_while and node.kwargs.get("may_train"))):
+        return
+    checkpoints = node.kwargs["checkpoints"]
+    if site.depth == 0 and context.options.remat:
+        checkpoints = while_checkpoints(checkpoints, context.options.remat)
+        node.kwargs = {**node.kwargs, "checkpoints": checkpoints}
+    each = carry_bytes(site)
+    stores = (
+        f"{checkpoints} checkpoints of its carries, {kib(each)} each ({kib(each * (checkpoints + 1))} with the "
+        "row the others write to), whatever the trip count; it recomputes the iterations between them"
+    )
+    record(_LOG, "stores", f"{site.name}: its backward keeps {stores}", where=site.name.split(" at ", 1)[-1], stores=stores)
 
 
 PASS = GraphPass(
