@@ -106,7 +106,12 @@ def _record_stores(site: Site, remat: bool | int) -> None:
         stores = f"the carries at {-(-length // k)} segment starts and one segment's {k} steps (remat={remat}), {kib(each)} each"
     else:
         stores = f"every step's carries: {length} steps of {kib(each)}, {kib(length * each)}"
-    record(_LOG, "stores", f"{site.name}: its backward stores {stores}", where=site.name.split(" at ", 1)[-1], stores=stores)
+    _record(site, f"its backward stores {stores}", stores)
+
+
+def _record(site: Site, sentence: str, stores: str) -> None:
+    """The "stores" record (explain, TORCH_LOGS) of one trained loop."""
+    record(_LOG, "stores", f"{site.name}: {sentence}", where=site.name.split(" at ", 1)[-1], stores=stores)
 
 
 def while_checkpoints(checkpoints: int, remat: bool | int) -> int:
@@ -129,7 +134,7 @@ def segment_while(site: Site, context: PassContext) -> None:
         f"{checkpoints} checkpoints of its carries, {kib(each)} each ({kib(each * (checkpoints + 1))} with the "
         "row the others write to), whatever the trip count; it recomputes the iterations between them"
     )
-    record(_LOG, "stores", f"{site.name}: its backward keeps {stores}", where=site.name.split(" at ", 1)[-1], stores=stores)
+    _record(site, f"its backward keeps {stores}", stores)
 
 
 PASS = GraphPass(

@@ -47,7 +47,7 @@ def bounded_while(
     carries, captured = tuple(carried_inputs), tuple(additional_inputs)
     loop = LoopFunctions(cond_fn, body_fn, len(carries), body_reports)
     operands = (*carries, *captured)
-    if may_train and torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in operands):
+    if may_train and _differentiated(operands):
         # (Python int carries never get here: torch 2.9's Dynamo fails on them when a loop
         # needs gradients, before any backend runs.)
         spec = CheckpointSpec(loop, checkpoints, max_iterations)
@@ -64,12 +64,17 @@ def trained_while(
     checkpoints: int,
 ) -> tuple[Any, ...]:
     """A while_loop that may be trained, with no bound: its final carries (no report)."""
-    if torch.is_grad_enabled():
-        out = bounded_while(
-            cond_fn, body_fn, carried_inputs, additional_inputs, may_train=True, checkpoints=checkpoints
-        )
-        return tuple(out[:-1])
-    return tuple(while_loop_op(cond_fn, body_fn, tuple(carried_inputs), tuple(additional_inputs)))
+    carries, captured = tuple(carried_inputs), tuple(additional_inputs)
+    operands = (*carries, *captured)
+    if _differentiated(operands):
+        spec = CheckpointSpec(LoopFunctions(cond_fn, body_fn, len(carries), False), checkpoints, None)
+        return tuple(CheckpointedWhile.apply(spec, *operands)[:-1])
+    return tuple(while_loop_op(cond_fn, body_fn, carries, captured))
+
+
+def _differentiated(operands: tuple) -> bool:
+    """Whether autograd records this call: grad mode on and an operand requiring grad."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in operands)
 
 
 register(bounded_while, torch.ops.higher_order.while_loop)
