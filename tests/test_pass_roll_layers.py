@@ -17,6 +17,7 @@ import xla_loop_backend
 from xla_loop_backend.inspect import lowered_hlo
 from xla_loop_backend.options import Options, PassContext
 from xla_loop_backend.passes.roll_layers import PASS as ROLL_LAYERS
+from xla_loop_backend.passes.stacked_inputs import PASS as STACKED_INPUTS
 
 nested_compile_region = torch.compiler.nested_compile_region
 _scan = torch.ops.higher_order.scan
@@ -215,6 +216,9 @@ def test_inference_takes_the_stacked_weights_as_inputs():
         gm, example_inputs = _dynamo_graph(Stack(depth=4), torch.randn(2, 8))
         context = PassContext.for_graph(Options.parse({}), example_inputs)
         ROLL_LAYERS.run(gm, context)
+        # roll_layers stacks the weights; the stacked_inputs pass makes each stack an input
+        assert len(_calls(gm, torch.stack)) == 4 and not context.stacked_inputs
+        STACKED_INPUTS.run(gm, context)
     assert not _calls(gm, torch.stack)
     # the norm's weight and bias, the Linear's weight and bias: one input each, the stack of 4
     assert [len(group) for group in context.stacked_inputs] == [4, 4, 4, 4]

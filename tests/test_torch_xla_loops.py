@@ -172,6 +172,39 @@ def test_dynamo_traces_one_layer_whatever_the_depth(scan_layers):
     assert sum("linear" in op for op in deep) == 1 and deep.count("scan") == 1
 
 
+def _guards(depth: int, scan_layers) -> int:
+    counts = []
+
+    def count(entries):
+        counts.append(len(entries))
+        return [True] * len(entries)
+
+    torch._dynamo.reset()
+    xl.compile(Stack(depth, scan_layers), fullgraph=True, options={"guard_filter_fn": count})(torch.zeros(2, 8))
+    (guards,) = counts
+    return guards
+
+
+@pytest.mark.parametrize("scan_layers", [torch_xla_scan_layers, xl.scan_layers], ids=["torch_xla", "xla_loop"])
+def test_dynamo_guards_grow_only_with_the_layers_tensors(scan_layers):
+    """The layers' structure is checked on the real modules, not traced: a layer adds the
+    guards on its 3 tensors (about 3 each), not on its modules' tables of parameters and
+    buffers (traced, the check added 22 a layer)."""
+    per_layer = (_guards(16, scan_layers) - _guards(2, scan_layers)) / 14
+    assert per_layer <= 4 * 3
+
+
+def test_scan_layers_over_an_iterator_is_traced_as_it_is():
+    class OverIterator(Stack):
+        def forward(self, h):
+            return xl.scan_layers(iter(self.layers), h)
+
+    model, h = OverIterator(3, xl.scan_layers), torch.randn(2, 8)
+    expected, _ = _sequential_on_cpu(model, h)
+    actual, _ = _compiled_step(model, h)
+    assert_same(actual, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_scan_layers_is_one_while():
     model = Stack(6).to(xla_device())
     (forward,) = lowered_hlo(model, torch.zeros(2, 8, device=xla_device()))

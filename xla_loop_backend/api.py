@@ -134,18 +134,47 @@ def scan_layers(layers: Iterable[torch.nn.Module], input_data: Any, *, name: str
     layers = list(layers)
     if not layers:
         return input_data
-    loop = name or f"scan_layers over {len(layers)} {type(layers[0]).__name__}"
+    loop = name or layers_loop_name(layers)
+    owners = _weight_owners(layers[0])
+    check_layers(loop, layers, owners)
+    return scan_stacked_layers(layers, input_data, owners, loop)
+
+
+def layers_loop_name(layers: list[torch.nn.Module]) -> str:
+    return f"scan_layers over {len(layers)} {type(layers[0]).__name__}"
+
+
+def check_layers(loop: str, layers: list[torch.nn.Module], owners: list[tuple[str, list[str]]]) -> None:
+    """That every layer has layers[0]'s parameters and buffers (see `scan_layers`). Under
+    torch.compile, Dynamo does not trace this: a rule runs it on the real layers
+    (`torch_xla_loops.install`), then traces `scan_stacked_layers`."""
+    first = _layer_weights(loop, 0, layers[0], owners, None)
+    for i, layer in enumerate(layers[1:], start=1):
+        _layer_weights(loop, i, layer, owners, first)
+
+
+def scan_stacked_layers(layers: Any, input_data: Any, owners: Sequence[tuple[str, Sequence[str]]], loop: str) -> Any:
+    """`scan_layers` once its layers are checked: each tensor of `owners` (by module path and
+    name) stacked over the layers, and the scan (what Dynamo traces: plain attribute reads,
+    one stack a tensor name)."""
     template = layers[0]
-    owners = _weight_owners(template)
-    first = _layer_weights(loop, 0, template, owners, None)
-    weights = [first, *(_layer_weights(loop, i, layer, owners, first) for i, layer in enumerate(layers[1:], start=1))]
-    stacked = {key: torch.stack([w[key] for w in weights]) for key in first}
+    stacked = {}
+    for prefix, names in owners:
+        path = prefix.split(".") if prefix else []
+        for own in names:
+            stacked[f"{prefix}.{own}" if prefix else own] = torch.stack([getattr(_at(layer, path), own) for layer in layers])
 
     def one_layer(h: Any, layer_weights: dict[str, torch.Tensor]) -> tuple[Any, None]:
         return _call_with_weights(template, owners, layer_weights, h), None
 
     out, _ = scan(one_layer, input_data, stacked, name=loop)
     return out
+
+
+def _at(module: Any, path: Sequence[str]) -> Any:
+    for part in path:
+        module = getattr(module, part)
+    return module
 
 
 def _weight_owners(layer: torch.nn.Module) -> list[tuple[str, list[str]]]:

@@ -7,6 +7,7 @@
       │    while_loops  bounded / trainable while_loops, each returning a report
       │    reports      reports of inner loops carried out to the graph's output
       │    remat        trained loops store fewer carries (option `remat`)
+      │    stacked_inputs  (inference) stacks of the graph's inputs become inputs
       ▼
     AOTAutograd: forward and backward graphs (OP_FIXES patch torch's ops it traces;
       │  DYNAMO_RULES teach Dynamo, before all this, counter indexing, op labels and
@@ -19,7 +20,7 @@
     each graph's program (call.GraphCall): one executable xla_loop traces, keys and compiles
     itself and calls directly (executable.py), or device parts with host steps between them
     (segments.py); around the whole function, call.ReportingCall reads the loops' report
-    once per call, (inference) call.StackedOnce passes rolled layers' weights stacked once,
+    once per call, (inference) call.StackedOnce passes the layers' weights stacked once,
     and OnEagerDevices gives results back on the device eager PyTorch puts them on.
 
 Ordering constraints:
@@ -30,6 +31,8 @@ Ordering constraints:
 - `reports` before AOTAutograd: the graph's outputs are fixed when it is traced.
 - `remat` after `while_loops`: it sets the checkpoint count of the calls that pass makes
   (before or after `reports`: the segmented scan passes extra ys through).
+- `stacked_inputs` last: it finds the stacks roll_layers made and those scan_layers traced,
+  and gives the graph more inputs, which no pass after it may renumber.
 - OP_FIXES before anything traces a loop op (installed at import): they fix the op itself,
   so they reach loops at every depth, also those the passes make, and eager calls.
 - DYNAMO_RULES before Dynamo traces a body (installed at import): `x[t]`, `out[:, t] = v`,
@@ -57,16 +60,16 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import dynamo_timed
 
-from .call import GradientLayout, GraphCall, ReportingCall, StackedOnce, stacks_of
+from .call import GradientLayout, GraphCall, ReportingCall, StackedOnce
 from .errors import LoopLoweringError, install_op_labels
 from .explain import record_graph
 from .fallback import warn_host_loop
 from .lowering.driver import lower_loops
 from .options import Options, PassContext
 from . import indexing, torch_xla_loops
-from .passes import on_device, reports, remat, roll_layers, torch_fixes, torch_xla_fixes, unalias, while_loops
+from .passes import on_device, reports, remat, roll_layers, stacked_inputs, torch_fixes, torch_xla_fixes, unalias, while_loops
 
-BEFORE_AUTOGRAD = (roll_layers.PASS, unalias.PASS, while_loops.PASS, reports.PASS, remat.PASS)
+BEFORE_AUTOGRAD = (roll_layers.PASS, unalias.PASS, while_loops.PASS, reports.PASS, remat.PASS, stacked_inputs.PASS)
 OP_FIXES = torch_fixes.OP_FIXES
 AFTER_AUTOGRAD = (on_device.PASS, torch_xla_fixes.PASS)
 
@@ -97,12 +100,12 @@ def compile(  # noqa: A001 - the pipeline's one entry
     fullgraph = fullgraph_requested()
     original = None if fullgraph else copy.deepcopy(gm)
     context = PassContext.for_graph(options, example_inputs)
-    if not context.training and options.roll_layers:
-        gm = _own_copy(gm)  # (roll_layers may add inputs; Dynamo reads its own graph's afterwards)
+    if not context.training:
+        gm = _own_copy(gm)  # (stacked_inputs may add inputs; Dynamo reads its own graph's afterwards)
     try:
         for graph_pass in BEFORE_AUTOGRAD:
             graph_pass.run(gm, context)
-        if context.stacked_inputs:  # (inference: roll_layers made the stacked weights inputs)
+        if context.stacked_inputs:  # (stacks of inputs made inputs of their own)
             example_inputs = [*example_inputs, *_stacked_examples(example_inputs, context.stacked_inputs)]
 
         # A new aot_autograd backend each time: torch 2.9's instance wraps its bw_compiler
@@ -155,8 +158,8 @@ def _own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     generates the call of the compiled function from its own graph's placeholders after the
     backend returns. What AOTAutograd reads of a Dynamo graph comes along (its meta, the
     sources of its parameters and of each input)."""
-    if not gm.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_subgraph):
-        return gm  # (nothing to roll)
+    if not any(gm.graph.find_nodes(op="call_function", target=t) for t in (torch.ops.higher_order.invoke_subgraph, torch.stack)):
+        return gm  # (nothing to roll or stack)
     graph = copy.deepcopy(gm.graph)
     own = torch.fx.GraphModule(gm, graph)
     own.meta = dict(gm.meta)
@@ -169,10 +172,14 @@ def _own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def _stacked_examples(example_inputs: Sequence[Any], groups: list[tuple[int, ...]]) -> list[Any]:
-    """Example values of the stacked inputs: stacks of the examples (fake where they are)."""
-    mode = getattr(example_inputs[groups[0][0]], "fake_mode", None)
+    """Example values of the stacked inputs: fake (Dynamo's fake mode, where there is one) and
+    of static shape (AOTAutograd makes an input with no Dynamo source of its own dynamic)."""
+    mode = torch._guards.detect_fake_mode(example_inputs)
     with mode or contextlib.nullcontext():
-        return stacks_of(example_inputs, groups)
+        return [
+            torch.empty((len(group), *example_inputs[group[0]].shape), dtype=example_inputs[group[0]].dtype, device=example_inputs[group[0]].device)
+            for group in groups
+        ]
 
 
 def graph_compilers(graph_compiler: GraphCompiler | None, options: Options | None = None) -> tuple[GraphCompiler, GraphCompiler]:

@@ -22,6 +22,12 @@ error that names the compile option that does it (`remat`). `is_fn_pure`/`is_lay
 let torch_xla reuse a traced body between calls; Dynamo traces a body once per compile
 anyway, so they change nothing here and are accepted.
 
+The same rule serves xla_loop's own `scan_layers`: when its layers are modules Dynamo knows
+(a ModuleList, a Sequential, a list of modules), the check that each has the first one's
+tensors runs here, on the real modules, and Dynamo traces only the stacking and the scan
+(`api.scan_stacked_layers`): traced, the check read each module's tables of parameters and
+buffers, and Dynamo guarded on each, about 30 ms a layer.
+
 torch_xla's `while_loop` is torch's while_loop op (torch_xla registers an eager XLA kernel for
 it); Dynamo captures it as torch's op, which xla_loop lowers, so it needs no rule. Called
 outside torch.compile, all of them run torch_xla's own code.
@@ -113,6 +119,62 @@ def stand_in(fn: Any) -> Callable[..., Any] | None:
     return None
 
 
+def _api_scan_layers() -> Any:
+    from .api import scan_layers as xla_loop_scan_layers
+
+    return xla_loop_scan_layers
+
+
+def _checked_layers(args: list, kwargs: dict) -> tuple[Callable[..., Any], list] | None:
+    """`xla_loop_backend.scan_layers(layers, input_data, name=...)` under Dynamo, when its
+    layers are modules Dynamo knows (a ModuleList, a Sequential, a list of modules): the
+    layers' structure is checked here, on the real modules, and Dynamo traces only
+    `api.scan_stacked_layers` (attribute reads and one stack a tensor name). Traced, the
+    check read each module's tables of parameters and buffers, and Dynamo guarded on each:
+    about 30 ms a layer. Returns (function, arguments) to trace, or None to trace
+    `scan_layers` as it is."""
+    from torch._dynamo.variables import ConstantVariable
+
+    from .api import _weight_owners, check_layers, layers_loop_name, scan_stacked_layers
+
+    if len(args) != 2 or set(kwargs) - {"name"}:
+        return None
+    name = kwargs.get("name")
+    if name is not None and not name.is_python_constant():
+        return None
+    layers = _modules_of(args[0])
+    if not layers:
+        return None
+    loop = (name.as_python_constant() if name is not None else None) or layers_loop_name(layers)
+    owners = _weight_owners(layers[0])
+    check_layers(loop, layers, owners)
+    constant = ConstantVariable.create
+    owned = tuple((prefix, tuple(names)) for prefix, names in owners)
+    return scan_stacked_layers, [args[0], args[1], constant(owned), constant(loop)]
+
+
+def _modules_of(variable: Any) -> list[Any] | None:
+    """The modules a Dynamo variable holds: a ModuleList's or Sequential's, or a list's or
+    tuple's of modules; else None."""
+    import torch
+    from torch._dynamo.variables.lists import BaseListVariable
+    from torch._dynamo.variables.nn_module import NNModuleVariable, UnspecializedNNModuleVariable
+
+    def module(v: Any) -> Any:
+        v = v.realize() if hasattr(v, "realize") else v
+        value = getattr(v, "value", None)
+        return value if isinstance(v, (NNModuleVariable, UnspecializedNNModuleVariable)) and isinstance(value, torch.nn.Module) else None
+
+    container = module(variable)
+    if isinstance(container, (torch.nn.ModuleList, torch.nn.Sequential)):
+        return list(container)
+    variable = variable.realize() if hasattr(variable, "realize") else variable
+    if isinstance(variable, BaseListVariable):
+        found = [module(item) for item in variable.items]
+        return found if all(m is not None for m in found) else None
+    return None
+
+
 class _GiveWay(importlib.abc.MetaPathFinder):
     """Before torch_xla.experimental.fori_loop is imported, xla_loop's eager kernel for
     torch's while_loop op steps aside (the module docstring says why); finds nothing itself."""
@@ -140,6 +202,10 @@ def install() -> None:
         ours = stand_in(self.fn)
         if ours is not None:
             return original(UserFunctionVariable(ours), tx, args, kwargs)
+        if self.fn is _api_scan_layers():
+            checked = _checked_layers(args, kwargs)
+            if checked is not None:
+                return original(UserFunctionVariable(checked[0]), tx, checked[1], {})
         return original(self, tx, args, kwargs)
 
     call_function._xla_loop_stand_ins = True  # type: ignore[attr-defined]

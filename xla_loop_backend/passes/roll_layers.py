@@ -29,9 +29,9 @@ layer updates none of its inputs in place (a BatchNorm's running statistics: a s
 may not).
 Stacking the per-layer operands costs one copy of them per call, in the graph, when it
 trains (the gradients flow back through the stack). In inference the stacks of operands that
-are the graph's inputs (the layers' parameters) become inputs of their own instead, which the
-call-time wrapper stacks once and keeps while the parameters stay the same
-(`call.StackedOnce`; not under SPMD, where the stacked input would need its own layout).
+are the graph's inputs (the layers' parameters) become inputs of their own instead
+(`passes/stacked_inputs.py`), which the call-time wrapper stacks once and keeps while the
+parameters stay the same (`call.StackedOnce`).
 
 First in the pipeline: the scans it makes then meet every pass as the user's own do.
 """
@@ -165,11 +165,10 @@ def roll_chains(gm: torch.fx.GraphModule, context: PassContext) -> None:
     """The pass's step on the whole graph (see the module docstring)."""
     if not context.options.roll_layers:
         return
-    once = None if context.training or _spmd() else context
     for chain, out, operand in _chains(_layers(gm)):
         plan = _Plan.of(gm, chain, out, operand)
         if plan is not None:
-            plan.apply(once)
+            plan.apply()
             metrics.increment(metrics.LAYERS_ROLLED, len(chain))
             first = loop_name("layer", chain[0].node).removeprefix("layer at ")
             record(_LOG, "rolled", f"rolled {len(chain)} layers (the first at {first}) into one scan", layers=len(chain), where=first)
@@ -225,16 +224,15 @@ class _Plan:
             return None
         return cls(gm, chain, out, operand, stacked, shared, ys)
 
-    def apply(self, stack_once: PassContext | None = None) -> None:
-        """Rewrite the graph; with `stack_once` (inference), stacks of graph inputs become
-        inputs recorded in that context."""
+    def apply(self) -> None:
+        """Rewrite the graph (stacks of graph inputs become inputs later: `stacked_inputs`)."""
         graph, first, last = self.gm.graph, self.chain[0], self.chain[-1]
         combine = self._combine()
         name = _free_name(self.gm, "rolled_layers")
         self.gm.add_submodule(name, combine)
         with graph.inserting_before(last.node):
             combine_node = graph.get_attr(name)
-            xs = [self._stack([layer.operands[p] for layer in self.chain], stack_once) for p in self.stacked]
+            xs = [self._stack([layer.operands[p] for layer in self.chain]) for p in self.stacked]
             init = first.operands[self.carry_in]
             shared = [first.operands[p] for p in self.shared]
             scan = graph.call_function(scan_op, (combine_node, [init], xs, shared))
@@ -293,18 +291,11 @@ class _Plan:
         graph.output(tuple(results))
         return torch.fx.GraphModule(sub, graph)
 
-    def _stack(self, values: list[torch.fx.Node], stack_once: PassContext | None) -> torch.fx.Node:
+    def _stack(self, values: list[torch.fx.Node]) -> torch.fx.Node:
         fakes = [example_value(v) for v in values]
         with _fake_mode(fakes):
             value = torch.stack(fakes)
-        placeholders = list(self.gm.graph.find_nodes(op="placeholder"))
-        if stack_once is not None and all(v in placeholders for v in values):
-            with self.gm.graph.inserting_after(placeholders[-1]):
-                stacked = self.gm.graph.placeholder(_free_name(self.gm, "stacked_layers", placeholders))
-            stacked._dynamo_source = None  # (AOTAutograd asks each input of a Dynamo graph for its source)
-            stack_once.stacked_inputs.append(tuple(placeholders.index(v) for v in values))
-        else:
-            stacked = self.gm.graph.call_function(torch.stack, (list(values),))
+        stacked = self.gm.graph.call_function(torch.stack, (list(values),))
         stacked.meta["example_value"] = value
         return stacked
 
@@ -355,12 +346,6 @@ def _free_name(gm: torch.fx.GraphModule, base: str, nodes: list[torch.fx.Node] =
     while hasattr(gm, f"{base}_{k}") or f"{base}_{k}" in taken:
         k += 1
     return f"{base}_{k}"
-
-
-def _spmd() -> bool:
-    import torch_xla.runtime as xr
-
-    return xr.is_spmd()
 
 
 PASS = GraphPass(
