@@ -8,7 +8,7 @@ the loop is:
 - differentiated (an operand requires grad): `CheckpointedWhile` (`checkpointed_while.py`),
   the loop with its real trip count that keeps `checkpoints` copies of its carries for its
   backward While, in fixed memory, whatever the trip count;
-- otherwise: the loop as it is (with `max_iterations`, with an iteration counter).
+- otherwise: the loop as it is (`bounded_while`: with an iteration counter).
 
 `bounded_while` also returns a *report*: a 0-dim int64, `max_iterations + 1` when the loop
 was still running after `max_iterations` iterations, else 0 (at least its inner loops'
@@ -38,7 +38,7 @@ def bounded_while(
     carried_inputs: Sequence[Any],
     additional_inputs: Sequence[Any],
     *,
-    max_iterations: int | None = None,
+    max_iterations: int,
     may_train: bool = False,
     checkpoints: int = 0,
     body_reports: bool = False,
@@ -81,14 +81,13 @@ register(bounded_while, torch.ops.higher_order.while_loop)
 register(trained_while, torch.ops.higher_order.while_loop)
 
 
-def _counted_while(loop: LoopFunctions, carries: tuple, captured: tuple, max_iterations: int | None) -> tuple[Any, ...]:
+def _counted_while(loop: LoopFunctions, carries: tuple, captured: tuple, max_iterations: int) -> tuple[Any, ...]:
     device = loop_device((*carries, *captured))
     zero = torch.zeros((), dtype=torch.int64, device=device)
     nc = loop.num_carries
 
     def cond(count: torch.Tensor, inner: torch.Tensor, *state: Any) -> Any:
-        going = loop.cond(state[:nc], state[nc:])
-        return going if max_iterations is None else (count < max_iterations) & going
+        return (count < max_iterations) & loop.cond(state[:nc], state[nc:])
 
     def body(count: torch.Tensor, inner: torch.Tensor, *state: Any) -> tuple[Any, ...]:
         new, inner_report = loop.step(state[:nc], state[nc:])
@@ -96,10 +95,8 @@ def _counted_while(loop: LoopFunctions, carries: tuple, captured: tuple, max_ite
         return (count + 1, inner, *new)
 
     count, inner, *final = while_loop_op(cond, body, (zero, zero.clone(), *carries), captured)
-    needed = torch.zeros_like(count)
-    if max_iterations is not None:
-        ran_out = (count >= max_iterations) & loop.cond(final, captured)
-        needed = torch.where(ran_out, count.new_full((), max_iterations + 1), needed)
+    ran_out = (count >= max_iterations) & loop.cond(final, captured)
+    needed = torch.where(ran_out, count.new_full((), max_iterations + 1), torch.zeros_like(count))
     return (*final, torch.maximum(needed, inner))
 
 
