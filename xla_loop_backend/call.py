@@ -75,8 +75,8 @@ def _pin_to(sharding: Any, index: int) -> Callable[[torch.Tensor], torch.Tensor]
 
 
 class StackedOnce:
-    """Inference with rolled layers: the stacked weights are inputs of the graph
-    (`passes/roll_layers.py`), stacked here on the first call and kept while the layers'
+    """Inference with repeated layers: the stacked weights are inputs of the graph
+    (`passes/stacked_inputs.py`), stacked here on the first call and kept while the layers'
     parameters stay the same, so a call copies no weights. A parameter counts as the same
     while its XLA tensor is (an in-place update, `copy_`, `load_state_dict` or assigning
     `.data` gives it a new one) and its version counter has not moved. The stacks are
@@ -97,7 +97,7 @@ class StackedOnce:
 
 
 def stacks_of(args: Sequence[Any], groups: list[tuple[int, ...]]) -> list[torch.Tensor]:
-    """The stack of each group (positions) of `args`: the rolled layers' stacked weights."""
+    """The stack of each group (positions) of `args`: the layers' stacked weights."""
     return [torch.stack([args[i] for i in group]) for group in groups]
 
 

@@ -146,6 +146,16 @@ def subgraph_nodes(call: Call) -> list[torch.fx.Node]:
     return [call[name] for name in call.spec.names(SUBGRAPH)]
 
 
+def free_name(gm: torch.fx.GraphModule, base: str) -> str:
+    """`base_k` for the smallest k that names neither an attribute of `gm` nor a node of its
+    graph (for a subgraph or an input a pass adds)."""
+    taken = {n.name for n in gm.graph.nodes}
+    k = 0
+    while hasattr(gm, f"{base}_{k}") or f"{base}_{k}" in taken:
+        k += 1
+    return f"{base}_{k}"
+
+
 def replace_call(call: Call, target: Callable[..., Any], **options: Any) -> torch.fx.Node:
     """Replace the call's node by `target(*same arguments, **options)`; users follow."""
     graph = call.owner.graph

@@ -51,7 +51,7 @@ from ..errors import loop_name
 from ..explain import record
 from ..ops import example_value
 from ..options import PassContext
-from ..traversal import GraphPass, unchanged
+from ..traversal import GraphPass, free_name, unchanged
 
 _LOG = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class _Plan:
         """Rewrite the graph (stacks of graph inputs become inputs later: `stacked_inputs`)."""
         graph, first, last = self.gm.graph, self.chain[0], self.chain[-1]
         combine = self._combine()
-        name = _free_name(self.gm, "rolled_layers")
+        name = free_name(self.gm, "rolled_layers")
         self.gm.add_submodule(name, combine)
         with graph.inserting_before(last.node):
             combine_node = graph.get_attr(name)
@@ -338,14 +338,6 @@ def _stackable(values: list[Any]) -> bool:
 def _fake_mode(fakes: list[Any]) -> Any:
     """The fake mode the values were made in (to make more values like them)."""
     return fakes[0].fake_mode
-
-
-def _free_name(gm: torch.fx.GraphModule, base: str, nodes: list[torch.fx.Node] = ()) -> str:
-    taken = {n.name for n in nodes}
-    k = 0
-    while hasattr(gm, f"{base}_{k}") or f"{base}_{k}" in taken:
-        k += 1
-    return f"{base}_{k}"
 
 
 PASS = GraphPass(

@@ -30,13 +30,14 @@ import torch
 import torch.fx
 
 from ..options import PassContext
-from ..traversal import GraphPass, unchanged
+from ..sharding import spmd_on
+from ..traversal import GraphPass, free_name, unchanged
 
 
 def hoist_stacks(gm: torch.fx.GraphModule, context: PassContext) -> None:
     """The pass's step on the whole graph (see the module docstring)."""
     _inline_stacking_subgraphs(gm)
-    if context.training or _spmd():
+    if context.training or spmd_on():
         return
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     for node in list(gm.graph.find_nodes(op="call_function", target=torch.stack)):
@@ -45,7 +46,7 @@ def hoist_stacks(gm: torch.fx.GraphModule, context: PassContext) -> None:
             continue
         last = list(gm.graph.find_nodes(op="placeholder"))[-1]
         with gm.graph.inserting_after(last):
-            stacked = gm.graph.placeholder(_free_name(gm, "stacked_inputs"))
+            stacked = gm.graph.placeholder(free_name(gm, "stacked_inputs"))
         stacked._dynamo_source = None  # (AOTAutograd asks each input of a Dynamo graph for its source)
         stacked.meta = {key: node.meta[key] for key in ("example_value", "val") if key in node.meta}
         node.replace_all_uses_with(stacked)
@@ -94,20 +95,6 @@ def _updates(node: torch.fx.Node) -> bool:
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     in_place = isinstance(name, str) and name.endswith("_") and not name.endswith("__")
     return in_place or node.target is operator.setitem or "out" in node.kwargs
-
-
-def _free_name(gm: torch.fx.GraphModule, base: str) -> str:
-    taken = {n.name for n in gm.graph.nodes}
-    k = 0
-    while f"{base}_{k}" in taken:
-        k += 1
-    return f"{base}_{k}"
-
-
-def _spmd() -> bool:
-    import torch_xla.runtime as xr
-
-    return xr.is_spmd()
 
 
 PASS = GraphPass(
