@@ -107,18 +107,18 @@ def test_inference_with_scan_layers_stacks_the_weights_once():
     test_pass_roll_layers.py.)"""
     reference = Layers(5)
     compiled = xl.compile(copy.deepcopy(reference).to(xla_device()), fullgraph=True)
-    x = torch.randn(3, 8)
-    expected = x
-    for layer in reference.layers:  # (a Python loop on the CPU: the reference)
-        expected = layer(expected)
+    xs = [torch.randn(3, 8) for _ in range(3)]  # (each call with other data)
     before = metrics.counter_value(metrics.LAYER_STACKINGS)
     with torch.no_grad():
-        results = [compiled(x.to(xla_device())).cpu() for _ in range(3)]
+        results = [compiled(x.to(xla_device())).cpu() for x in xs]
         torch_xla.sync()
         with MetricsDelta() as delta:
-            compiled(x.to(xla_device()))
+            compiled(xs[0].to(xla_device()))
             torch_xla.sync()
-    for result in results:
+    for x, result in zip(xs, results):
+        expected = x
+        for layer in reference.layers:  # (a Python loop on the CPU: the reference)
+            expected = layer(expected)
         torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-5)
     assert metrics.counter_value(metrics.LAYER_STACKINGS) == before + 1
     assert delta.compiles == 0
