@@ -19,6 +19,8 @@ from xla_loop_backend.options import Options, PassContext
 from xla_loop_backend.passes.roll_layers import PASS as ROLL_LAYERS
 from xla_loop_backend.passes.stacked_inputs import PASS as STACKED_INPUTS
 
+STACK_LAYERS = torch.ops.xla_loop.stack_layers.default
+
 nested_compile_region = torch.compiler.nested_compile_region
 _scan = torch.ops.higher_order.scan
 _invoke = torch.ops.higher_order.invoke_subgraph
@@ -217,9 +219,9 @@ def test_inference_takes_the_stacked_weights_as_inputs():
         context = PassContext.for_graph(Options.parse({}), example_inputs)
         ROLL_LAYERS.run(gm, context)
         # roll_layers stacks the weights; the stacked_inputs pass makes each stack an input
-        assert len(_calls(gm, torch.stack)) == 4 and not context.stacked_inputs
+        assert len(_calls(gm, STACK_LAYERS)) == 4 and not context.stacked_inputs
         STACKED_INPUTS.run(gm, context)
-    assert not _calls(gm, torch.stack)
+    assert not _calls(gm, STACK_LAYERS)
     # the norm's weight and bias, the Linear's weight and bias: one input each, the stack of 4
     assert [len(group) for group in context.stacked_inputs] == [4, 4, 4, 4]
     placeholders = gm.graph.find_nodes(op="placeholder")

@@ -17,6 +17,8 @@ from xla_loop_backend import metrics
 from xla_loop_backend.options import Options, PassContext
 from xla_loop_backend.passes.stacked_inputs import PASS as STACKED_INPUTS
 
+STACK_LAYERS = torch.ops.xla_loop.stack_layers.default
+
 
 class Mlp(torch.nn.Module):
     """Two Linears of one shape (gate, up): Dynamo's deduplication makes their stacks calls
@@ -64,7 +66,7 @@ def test_inference_scan_layers_takes_each_stack_as_an_input():
         assert _calls(gm, torch.ops.higher_order.invoke_subgraph)  # (the stacks deduplication found)
         context = PassContext.for_graph(Options.parse({}), example_inputs)
         STACKED_INPUTS.run(gm, context)
-    assert not _calls(gm, torch.stack) and not _calls(gm, torch.ops.higher_order.invoke_subgraph)
+    assert not _calls(gm, STACK_LAYERS) and not _calls(gm, torch.ops.higher_order.invoke_subgraph)
     # gate.weight, up.weight, norm.weight, norm.bias: one input each, the stack of 4 layers'
     assert sorted(len(group) for group in context.stacked_inputs) == [4, 4, 4, 4]
     placeholders = gm.graph.find_nodes(op="placeholder")
@@ -83,7 +85,7 @@ def test_training_keeps_the_stacks_in_the_graph_with_the_deduplicated_ones_in_li
     assert context.training
     STACKED_INPUTS.run(gm, context)
     assert not context.stacked_inputs and not _calls(gm, torch.ops.higher_order.invoke_subgraph)
-    assert len(_calls(gm, torch.stack)) == 4  # one a tensor of the layer
+    assert len(_calls(gm, STACK_LAYERS)) == 4  # one a tensor of the layer
 
 
 def test_a_stack_of_an_input_the_graph_updates_stays_in_the_graph():

@@ -23,6 +23,7 @@ from torch._higher_order_ops.while_loop import while_loop_op as _while_loop_op
 
 from . import trees
 from .errors import describe_value, raise_loop_error, raising_loop_errors, traced_loop, tracing_loop
+from .stacking import stack_layers
 from .tracing import call_checked, reject_constant_condition
 
 Carries = Any  # a pytree (tuple/list/dict nesting) of tensors and Python ints
@@ -153,16 +154,18 @@ def check_layers(loop: str, layers: list[torch.nn.Module], owners: list[tuple[st
         _layer_weights(loop, i, layer, owners, first)
 
 
-def scan_stacked_layers(layers: Any, input_data: Any, owners: Sequence[tuple[str, Sequence[str]]], loop: str) -> Any:
+def scan_stacked_layers(
+    layers: Any, input_data: Any, owners: Sequence[tuple[str, Sequence[str]]], loop: str, weights: Sequence[Sequence[Any]] | None = None
+) -> Any:
     """`scan_layers` once its layers are checked: each tensor of `owners` (by module path and
-    name) stacked over the layers, and the scan (what Dynamo traces: plain attribute reads,
-    one stack a tensor name)."""
+    name) stacked over the layers, and the scan. `weights`, when given, holds those tensors
+    already, one list over the layers per name in `owners`' order (under Dynamo, a rule finds
+    them on the real modules, `torch_xla_loops.install`); else they are read off the layers."""
     template = layers[0]
-    stacked = {}
-    for prefix, names in owners:
-        path = prefix.split(".") if prefix else []
-        for own in names:
-            stacked[f"{prefix}.{own}" if prefix else own] = torch.stack([getattr(_at(layer, path), own) for layer in layers])
+    names = [(prefix, own) for prefix, owned in owners for own in owned]
+    if weights is None:
+        weights = [[getattr(_at(layer, prefix.split(".") if prefix else []), own) for layer in layers] for prefix, own in names]
+    stacked = {f"{prefix}.{own}" if prefix else own: stack_layers(list(per_layer)) for (prefix, own), per_layer in zip(names, weights)}
 
     def one_layer(h: Any, layer_weights: dict[str, torch.Tensor]) -> tuple[Any, None]:
         return _call_with_weights(template, owners, layer_weights, h), None

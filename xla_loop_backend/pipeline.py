@@ -15,6 +15,7 @@
       │  AFTER_AUTOGRAD, on each graph
       │    on_device         tensors the graph makes on the CPU are made on the device
       │    torch_xla_fixes   rewrites around torch_xla ops that give wrong results
+      │    stacked_results   results selected from one stack are split in one op
       │  lowering driver     control-flow nodes -> lowering rules (one XLA While each)
       ▼
     each graph's program (call.GraphCall): one executable xla_loop traces, keys and compiles
@@ -43,6 +44,8 @@ Ordering constraints:
   makes, forward and backward, has its CPU tensors moved before anything runs it.
 - `torch_xla_fixes` before the lowering driver: it rewrites ops inside loop bodies, which
   the driver stages as XLA computations.
+- `stacked_results` last after AOTAutograd: it reads the graph's results as AOTAutograd
+  made them (a backward's gradients), and only the top-level graph's.
 
 `compile` runs the pipeline; the backend (`backend.xla_loop`), `inspect.lowered_hlo` and the
 tests all go through it.
@@ -67,11 +70,11 @@ from .fallback import warn_host_loop
 from .lowering.driver import lower_loops
 from .options import Options, PassContext
 from . import indexing, torch_xla_loops
-from .passes import on_device, reports, remat, roll_layers, stacked_inputs, torch_fixes, torch_xla_fixes, unalias, while_loops
+from .passes import on_device, reports, remat, roll_layers, stacked_inputs, stacked_results, torch_fixes, torch_xla_fixes, unalias, while_loops
 
 BEFORE_AUTOGRAD = (roll_layers.PASS, unalias.PASS, while_loops.PASS, reports.PASS, remat.PASS, stacked_inputs.PASS)
 OP_FIXES = torch_fixes.OP_FIXES
-AFTER_AUTOGRAD = (on_device.PASS, torch_xla_fixes.PASS)
+AFTER_AUTOGRAD = (on_device.PASS, torch_xla_fixes.PASS, stacked_results.PASS)
 
 # Dynamo's tracing taught what xla_loop lowers (indexing with a loop counter in bodies,
 # torch_xla's loop functions), and to say which of torch's control-flow ops it was tracing
@@ -158,7 +161,7 @@ def _own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     generates the call of the compiled function from its own graph's placeholders after the
     backend returns. What AOTAutograd reads of a Dynamo graph comes along (its meta, the
     sources of its parameters and of each input)."""
-    if not any(gm.graph.find_nodes(op="call_function", target=t) for t in (torch.ops.higher_order.invoke_subgraph, torch.stack)):
+    if not any(gm.graph.find_nodes(op="call_function", target=t) for t in (torch.ops.higher_order.invoke_subgraph, *stacked_inputs.STACKS)):
         return gm  # (nothing to roll or stack)
     graph = copy.deepcopy(gm.graph)
     own = torch.fx.GraphModule(gm, graph)

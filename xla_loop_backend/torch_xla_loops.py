@@ -125,13 +125,15 @@ def _api_scan_layers() -> Any:
     return xla_loop_scan_layers
 
 
-def _checked_layers(args: list, kwargs: dict) -> tuple[Callable[..., Any], list] | None:
+def _checked_layers(tx: Any, args: list, kwargs: dict) -> tuple[Callable[..., Any], list] | None:
     """`xla_loop_backend.scan_layers(layers, input_data, name=...)` under Dynamo, when its
     layers are modules Dynamo knows (a ModuleList, a Sequential, a list of modules): the
     layers' structure is checked here, on the real modules, and Dynamo traces only
-    `api.scan_stacked_layers` (attribute reads and one stack a tensor name). Traced, the
+    `api.scan_stacked_layers` (one stack a tensor name, and the scan). Traced, the
     check read each module's tables of parameters and buffers, and Dynamo guarded on each:
-    about 30 ms a layer. Returns (function, arguments) to trace, or None to trace
+    about 30 ms a layer. The layers' tensors are handed to it found here too, each with the
+    source Dynamo gives it (`_layer_tensors`): traced, each attribute read on the way to a
+    tensor cost Dynamo about 3 ms. Returns (function, arguments) to trace, or None to trace
     `scan_layers` as it is."""
     from torch._dynamo.variables import ConstantVariable
 
@@ -142,20 +144,51 @@ def _checked_layers(args: list, kwargs: dict) -> tuple[Callable[..., Any], list]
     name = kwargs.get("name")
     if name is not None and not name.is_python_constant():
         return None
-    layers = _modules_of(args[0])
-    if not layers:
+    found = _modules_of(args[0])
+    if not found:
         return None
+    layers, sources = found
     loop = (name.as_python_constant() if name is not None else None) or layers_loop_name(layers)
     owners = _weight_owners(layers[0])
     check_layers(loop, layers, owners)
     constant = ConstantVariable.create
     owned = tuple((prefix, tuple(names)) for prefix, names in owners)
-    return scan_stacked_layers, [args[0], args[1], constant(owned), constant(loop)]
+    weights = _layer_tensors(tx, layers, sources, owners)
+    return scan_stacked_layers, [args[0], args[1], constant(owned), constant(loop), *([weights] if weights else [])]
 
 
-def _modules_of(variable: Any) -> list[Any] | None:
-    """The modules a Dynamo variable holds: a ModuleList's or Sequential's, or a list's or
-    tuple's of modules; else None."""
+def _layer_tensors(tx: Any, layers: list[Any], sources: list[Any], owners: list[tuple[str, list[str]]]) -> Any:
+    """Dynamo's variables of each layer's tensors named in `owners`, one list over the layers
+    per name, each with the source of its module's table entry
+    (`layers[i]._modules[...]._parameters[name]`, as Dynamo names it); None when a layer has
+    no source."""
+    from torch._dynamo.source import AttrSource, DictGetItemSource
+    from torch._dynamo.variables.builder import VariableBuilder
+    from torch._dynamo.variables.lists import ListVariable
+
+    if any(source is None for source in sources):
+        return None
+    per_name = []
+    for prefix, names in owners:
+        owners_of = []
+        for layer, source in zip(layers, sources):
+            module = layer
+            for part in prefix.split(".") if prefix else []:
+                module, source = module._modules[part], DictGetItemSource(AttrSource(source, "_modules"), part)
+            owners_of.append((module, source))
+        for own in names:
+            items = []
+            for module, source in owners_of:
+                table = "_parameters" if own in module._parameters else "_buffers"
+                value = getattr(module, table)[own]
+                items.append(VariableBuilder(tx, DictGetItemSource(AttrSource(source, table), own))(value))
+            per_name.append(ListVariable(items))
+    return ListVariable(per_name)
+
+
+def _modules_of(variable: Any) -> tuple[list[Any], list[Any]] | None:
+    """The modules a Dynamo variable holds, a ModuleList's or Sequential's, or a list's or
+    tuple's of modules, and the source of each (None where Dynamo has none); else None."""
     import torch
     from torch._dynamo.variables.lists import BaseListVariable
     from torch._dynamo.variables.nn_module import NNModuleVariable, UnspecializedNNModuleVariable
@@ -165,13 +198,18 @@ def _modules_of(variable: Any) -> list[Any] | None:
         value = getattr(v, "value", None)
         return value if isinstance(v, (NNModuleVariable, UnspecializedNNModuleVariable)) and isinstance(value, torch.nn.Module) else None
 
+    from torch._dynamo.source import AttrSource, DictGetItemSource
+
+    variable = variable.realize() if hasattr(variable, "realize") else variable
     container = module(variable)
     if isinstance(container, (torch.nn.ModuleList, torch.nn.Sequential)):
-        return list(container)
-    variable = variable.realize() if hasattr(variable, "realize") else variable
+        source = variable.source
+        keys = list(container._modules)
+        sources = [DictGetItemSource(AttrSource(source, "_modules"), key) if source is not None else None for key in keys]
+        return list(container._modules.values()), sources
     if isinstance(variable, BaseListVariable):
         found = [module(item) for item in variable.items]
-        return found if all(m is not None for m in found) else None
+        return (found, [item.source for item in variable.items]) if all(m is not None for m in found) else None
     return None
 
 
@@ -203,7 +241,7 @@ def install() -> None:
         if ours is not None:
             return original(UserFunctionVariable(ours), tx, args, kwargs)
         if self.fn is _api_scan_layers():
-            checked = _checked_layers(args, kwargs)
+            checked = _checked_layers(tx, args, kwargs)
             if checked is not None:
                 return original(UserFunctionVariable(checked[0]), tx, checked[1], {})
         return original(self, tx, args, kwargs)

@@ -46,7 +46,7 @@ import torch
 import torch.fx
 from torch._higher_order_ops.scan import scan_op
 
-from .. import metrics
+from .. import metrics, stacking  # noqa: F401  (stacking: registers torch.ops.xla_loop.stack_layers)
 from ..errors import loop_name
 from ..explain import record
 from ..ops import example_value
@@ -295,7 +295,7 @@ class _Plan:
         fakes = [example_value(v) for v in values]
         with _fake_mode(fakes):
             value = torch.stack(fakes)
-        stacked = self.gm.graph.call_function(torch.stack, (list(values),))
+        stacked = self.gm.graph.call_function(torch.ops.xla_loop.stack_layers.default, (list(values),))  # (stacking.py)
         stacked.meta["example_value"] = value
         return stacked
 

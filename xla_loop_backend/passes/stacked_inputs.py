@@ -29,6 +29,7 @@ import operator
 import torch
 import torch.fx
 
+from .. import stacking  # noqa: F401  (registers torch.ops.xla_loop.stack_layers)
 from ..options import PassContext
 from ..sharding import spmd_on
 from ..traversal import GraphPass, free_name, unchanged
@@ -40,7 +41,7 @@ def hoist_stacks(gm: torch.fx.GraphModule, context: PassContext) -> None:
     if context.training or spmd_on():
         return
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    for node in list(gm.graph.find_nodes(op="call_function", target=torch.stack)):
+    for node in [n for target in STACKS for n in gm.graph.find_nodes(op="call_function", target=target)]:
         items = _stacked_inputs(node, placeholders)
         if items is None:
             continue
@@ -74,13 +75,14 @@ def _inline_stacking_subgraphs(gm: torch.fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
-_STACKING = (torch.stack, torch.movedim)
+STACKS = (torch.stack, torch.ops.xla_loop.stack_layers.default)  # (stacking.py: the layers' weights)
+_STACKING = (*STACKS, torch.movedim)
 
 
 def _stacked_inputs(node: torch.fx.Node, placeholders: list[torch.fx.Node]) -> list[torch.fx.Node] | None:
     """The inputs `node` stacks along dim 0, if it is such a stack."""
     items = node.args[0] if node.args else node.kwargs.get("tensors")
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)  # (stack_layers: always 0)
     if dim != 0 or not isinstance(items, (list, tuple)) or len(items) < 2:
         return None
     if not all(isinstance(i, torch.fx.Node) and i in placeholders for i in items) or len(set(items)) != len(items):
