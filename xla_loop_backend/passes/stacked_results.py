@@ -36,9 +36,11 @@ from ..traversal import NodeRewrite
 def _unstacked_results(graph: torch.fx.Graph) -> bool:
     output = next(n for n in graph.nodes if n.op == "output")
     outs = output.args[0] if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
-    groups: dict[torch.fx.Node, list[torch.fx.Node]] = {}
-    for out in dict.fromkeys(o for o in outs if _selected(o) is not None):
-        groups.setdefault(out.args[0], []).append(out)
+    groups: dict[torch.fx.Node, list[tuple[torch.fx.Node, int]]] = {}
+    for out in dict.fromkeys(outs):
+        index = _selected(out)
+        if index is not None:
+            groups.setdefault(out.args[0], []).append((out, index))
     changed = False
     for stack, selects in groups.items():
         if len(selects) < 2:
@@ -46,9 +48,9 @@ def _unstacked_results(graph: torch.fx.Graph) -> bool:
         with graph.inserting_after(stack):
             parts = graph.call_function(torch.ops.xla_loop.unstack_layers.default, (stack,))
         parts.meta["val"] = list(stack.meta["val"].unbind(0))
-        for select in selects:
+        for select, index in selects:
             with graph.inserting_before(select):
-                part = graph.call_function(operator.getitem, (parts, _selected(select)))
+                part = graph.call_function(operator.getitem, (parts, index))
             part.meta = dict(select.meta)
             select.replace_all_uses_with(part)
             graph.erase_node(select)
