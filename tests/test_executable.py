@@ -272,3 +272,47 @@ def test_a_function_compiled_again_reuses_its_program():
         out = torch.compile(_reads_y, backend="xla_loop", fullgraph=True)(x.to(dev), y.to(dev))
     torch.testing.assert_close(out.cpu(), _reads_y(x, y))
     assert delta.compiles == 0
+
+
+class _ScaledAfter(torch.nn.Module):
+    """A parameter the backward reads as it is (the gradient of `lin(x)` is `g * w`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(0.5, 1.5, 8))
+        self.lin = torch.nn.Linear(8, 8, bias=False)
+
+    def forward(self, x):
+        return self.lin(x) * self.w
+
+
+def test_the_optimizer_step_after_the_first_backward_compiles_once():
+    """Tracing the backward looks up each argument's buffer, which left a parameter holding
+    it (an IR node): torch_xla did not donate that buffer to the first optimizer update, so
+    the second step compiled the update again, with the donation."""
+    import xla_loop_backend as xl
+
+    torch.manual_seed(0)
+    model, reference = _ScaledAfter(), _ScaledAfter()
+    reference.load_state_dict(model.state_dict())
+    model.to(xla_device())
+    compiled = xl.compile(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    scale = torch.tensor(2.0)  # (made without device=, as users do)
+    compiles = []
+    for step in range(3):
+        x = torch.randn(4, 8)
+        with MetricsDelta() as delta:
+            loss = (compiled(x.to(xla_device())) * scale.to(xla_device())).square().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            torch_xla.sync()
+        compiles.append(delta.compiles)
+        (reference(x) * scale).square().mean().backward()
+        reference_optimizer.step()
+        reference_optimizer.zero_grad()
+        torch.testing.assert_close(model.w.detach().cpu(), reference.w.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.lin.weight.detach().cpu(), reference.lin.weight.detach(), rtol=1e-5, atol=1e-6)
+    assert compiles[0] > 0 and compiles[1:] == [0, 0], compiles

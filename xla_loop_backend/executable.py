@@ -243,10 +243,29 @@ def _on_its_buffer(a: torch.Tensor) -> torch.Tensor:
     """A new tensor on `a`'s device buffer (an op on one does not change the other)."""
     import torch_xla
 
-    _, buffers = torch_xla._XLAC._get_tensors_xla_device_data_node([a])
+    xla = torch_xla._XLAC
+    _, buffers = xla._get_tensors_xla_device_data_node([a])
     if len(buffers) == 1 and buffers[0].shape == a.shape and buffers[0].dtype == a.dtype:
+        _forget_ir(a)
         return buffers[0]
     return _own_copy(a)
+
+
+def _forget_ir(a: torch.Tensor) -> None:
+    """Put `a` back on its buffer with no IR node, as it was before its buffer was looked up.
+
+    Looking up a tensor's buffer gives the tensor an IR node holding that buffer
+    (torch_xla's `XLATensor::GetIrValue` keeps the node it makes). A buffer so held is not
+    donated, so the next graph that updates `a` in place (an optimizer step after the first
+    backward) compiled without that donation, and the step after compiled it again with it.
+    `a` now holds a tensor of its own on the same buffer (its sharding carried over), which
+    shares nothing with the stand-in being traced."""
+    import torch_xla
+
+    xla = torch_xla._XLAC
+    _, fresh = xla._get_tensors_xla_device_data_node([a])
+    if len(fresh) == 1:
+        xla._replace_xla_tensor(a, fresh[0])
 
 
 def _own_copy(a: torch.Tensor) -> torch.Tensor:
