@@ -109,6 +109,14 @@ def fuzz_settings(examples: int, seed_value: str | None) -> Callable:
     return apply
 
 
+def fullgraph(program_seed: int) -> bool:
+    """Whether a fuzzed program compiles with fullgraph=True: every other one, by its seed.
+    Users get fullgraph=False by default, a path of its own (the graph kept for an eager
+    fallback, unlowerable loops warned about instead of refused): a fuzzer always on
+    fullgraph=True never ran it."""
+    return program_seed % 2 == 0
+
+
 class MetricsDelta:
     """What torch_xla did between entering and leaving the block (`metrics.device_counts`):
     .compiles, .executions, .host_syncs (`aten::_local_scalar_dense`), .transfers_from_device."""

@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 import torch_xla
 from hypothesis import given, note
 from loop_programs import LoopProgram, loop_programs
-from loop_testing import MetricsDelta, fuzz_settings, to_device, xla_device
+from loop_testing import MetricsDelta, fullgraph, fuzz_settings, to_device, xla_device
 
 import reference_loops
 import xla_loop_backend
@@ -51,7 +51,7 @@ def check_program(program: LoopProgram) -> None:
     if _programs_run % 50 == 0:
         torch._dynamo.reset()  # keep Dynamo's caches from growing over hundreds of programs
     reference = program.function(reference_loops)
-    compiled = torch.compile(program.function(xla_loop_backend), backend="xla_loop", fullgraph=True)
+    compiled = torch.compile(program.function(xla_loop_backend), backend="xla_loop", fullgraph=fullgraph(program.seed))
     dev = xla_device()
     for call, n in enumerate(program.trip_counts):
         args = program.arguments(n)
@@ -70,5 +70,5 @@ def check_program(program: LoopProgram) -> None:
 @fuzz_settings(FUZZ_EXAMPLES, FUZZ_SEED)
 @given(loop_programs())
 def test_random_loop_programs_match_python_loops_on_cpu(program):
-    note(f"program (seed {program.seed}, trip counts {program.trip_counts}):\n{program.source}")
+    note(f"program (seed {program.seed}, trip counts {program.trip_counts}, fullgraph={fullgraph(program.seed)}):\n{program.source}")
     check_program(program)

@@ -22,7 +22,7 @@ import os
 import torch
 import torch_xla
 from hypothesis import given, note
-from loop_testing import MetricsDelta, fuzz_settings, xla_device
+from loop_testing import MetricsDelta, fullgraph, fuzz_settings, xla_device
 from training_programs import TrainingProgram, training_programs, xla_loops
 
 import reference_loops
@@ -61,7 +61,7 @@ def check_training_program(program: TrainingProgram) -> None:
     reference = program.module(reference_loops)
     model = program.module(xla_loops).to(dev)
     compiled = xla_loop_backend.compile(
-        model, fullgraph=True, remat=program.remat, max_iterations=program.max_iterations
+        model, fullgraph=fullgraph(program.seed), remat=program.remat, max_iterations=program.max_iterations
     )
     for call in range(2):
         n, m, x, xs = program.arguments(call)
@@ -105,6 +105,6 @@ def check_training_program(program: TrainingProgram) -> None:
 def test_random_training_programs_match_python_loops_on_cpu(program):
     note(
         f"program (seed {program.seed}, trip counts {program.trip_counts}, remat={program.remat}, "
-        f"max_iterations={program.max_iterations}):\n{program.source}"
+        f"max_iterations={program.max_iterations}, fullgraph={fullgraph(program.seed)}):\n{program.source}"
     )
     check_training_program(program)

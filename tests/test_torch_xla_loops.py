@@ -199,18 +199,25 @@ def test_dynamo_guards_grow_only_with_the_layers_tensors(scan_layers):
 def test_a_layer_added_or_a_tensor_replaced_after_the_compile_is_seen(scan_layers):
     """With fewer guards the compiled function still follows the layers: a layer appended
     to the ModuleList, and a layer's weight replaced by another tensor, change the result
-    as they change the Python loop's."""
+    as they change the Python loop's (each call with other data, through a constant made
+    without device=, as users write it)."""
     model = Stack(3, scan_layers).to(xla_device())
-    forward = xl.compile(model)
-    h = torch.randn(2, 8)
+
+    def scaled(h):
+        return model(h) * torch.tensor(0.5)
+
+    forward = xl.compile(scaled)
+    g = torch.Generator().manual_seed(0)
 
     def check():
+        h = torch.randn(2, 8, generator=g)
         with torch.no_grad():
             expected = h.to(xla_device())
             for layer in model.layers:  # (a plain Python loop: the reference)
                 expected = layer(expected)
-            assert_same(forward(h.to(xla_device())), expected.cpu(), rtol=1e-5, atol=1e-5)
+            assert_same(forward(h.to(xla_device())), expected.cpu() * 0.5, rtol=1e-5, atol=1e-5)
 
+    check()
     check()
     model.layers.append(Block().to(xla_device()))
     check()

@@ -206,7 +206,7 @@ def compile_graph(
     the lowering driver, then the graph's program (`call.GraphCall`). Without fullgraph, a
     loop found unlowerable only when the graph is traced (on its first call: an op torch_xla
     runs on the CPU in a body) makes the graph run eagerly, with a warning, as here."""
-    eager = None if fullgraph_requested() else copy.deepcopy(gm)
+    eager = None if fullgraph_requested() else _eager_copy(gm)
     try:
         for graph_pass in AFTER_AUTOGRAD:
             graph_pass.run(gm)
@@ -219,6 +219,17 @@ def compile_graph(
         warn_host_loop(f"could not lower a loop, so its graph runs eagerly ({error})")
         return make_boxed_func(gm.forward)
     return make_boxed_func(GraphCall(lowered, layout, backward, (options or Options()).invariant_gathering(), eager))
+
+
+def _eager_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The graph as AOTAutograd gave it, for `GraphCall`'s eager fallback. Copied outside
+    AOTAutograd's fake mode, which is active while it compiles: under it, copying a tensor
+    constant the graph holds (a `torch.tensor(0.5)` made without device=, on the CPU) fails
+    ("Attempted to set the storage of a tensor on device meta to a storage on ... cpu")."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return copy.deepcopy(gm)
 
 
 def fullgraph_requested() -> bool:
