@@ -25,7 +25,7 @@ targets name are medians of per-round ratios.
 
     .venv/bin/python benchmarks/decoder_layers.py                 # depths 4 16 32, 2 rounds
     .venv/bin/python benchmarks/decoder_layers.py --quick         # depths 4 and 32, 1 round, no openxla
-Writes benchmarks/results/decoder_layers.{md,json}.
+Writes benchmarks/results/decoder_layers.{md,json} (--name: another stem).
 """
 from __future__ import annotations
 
@@ -246,6 +246,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="depths 4 and 32, one round, without openxla")
+    p.add_argument("--name", default="decoder_layers", help="results file stem in benchmarks/results/ (default decoder_layers)")
     a = p.parse_args()
     if a.worker:
         system, depth, steps = a.worker
@@ -270,9 +271,9 @@ def main() -> None:
             "command": " ".join([Path(sys.executable).name, *sys.argv]), "total_s": time.monotonic() - started,
             "cores": len(os.sched_getaffinity(0)), "load_start": load}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "decoder_layers.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    (RESULTS / f"{a.name}.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     text = report(records, meta)
-    (RESULTS / "decoder_layers.md").write_text(text)
+    (RESULTS / f"{a.name}.md").write_text(text)
     print(text)
 
 

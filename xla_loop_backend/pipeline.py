@@ -101,7 +101,7 @@ def compile(  # noqa: A001 - the pipeline's one entry
     passes after AOTAutograd, the lowering, then the graph's program; see `graph_compilers`). A loop that cannot be lowered is an
     error under `fullgraph=True`; otherwise the graph runs eagerly with a warning."""
     fullgraph = fullgraph_requested()
-    original = None if fullgraph else copy.deepcopy(gm)
+    original = None if fullgraph else _eager_copy(gm)
     context = PassContext.for_graph(options, example_inputs)
     if not context.training:
         gm = _own_copy(gm)  # (stacked_inputs may add inputs; Dynamo reads its own graph's afterwards)
@@ -222,8 +222,8 @@ def compile_graph(
 
 
 def _eager_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """The graph as AOTAutograd gave it, for `GraphCall`'s eager fallback. Copied outside
-    AOTAutograd's fake mode, which is active while it compiles: under it, copying a tensor
+    """The graph as it came, for an eager fallback (`compile`'s, `GraphCall`'s). Copied
+    outside AOTAutograd's fake mode, which is active while it compiles: under it, copying a tensor
     constant the graph holds (a `torch.tensor(0.5)` made without device=, on the CPU) fails
     ("Attempted to set the storage of a tensor on device meta to a storage on ... cpu")."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
