@@ -8,6 +8,7 @@ from unittest import mock
 
 import torch
 import torch.fx
+import torch_xla
 from loop_testing import assert_same, xla_device
 
 import xla_loop_backend as xl
@@ -89,3 +90,47 @@ def test_scan_layers_backward_splits_each_weights_gradient_in_one_op():
     assert not backward.graph.find_nodes(op="call_function", target=torch.ops.aten.select.int)
     for p, q in zip(model.parameters(), reference.parameters()):
         assert_same(p.grad, q.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_scan_layers_training_steps_after_the_first_compile_and_read_back_nothing():
+    """A training step as users write it (default options, a constant made without device=,
+    the loss outside, an optimizer), over new data each step: the unstacking of the
+    gradients reads nothing back (its offsets are device inputs), and from the second step
+    on nothing compiles; the weights follow the Python loop on the CPU."""
+    from loop_testing import MetricsDelta
+
+    class Layers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()) for _ in range(4))
+
+        def forward(self, h, python=False):
+            if python:
+                for layer in self.layers:
+                    h = layer(h)
+            else:
+                h = xl.scan_layers(self.layers, h)
+            return h * torch.tensor(0.5)
+
+    torch.manual_seed(0)
+    model = Layers()
+    reference = copy.deepcopy(model)
+    model.to(xla_device())
+    compiled = xl.compile(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        h = torch.randn(2, 8, generator=g)
+        with MetricsDelta() as delta:
+            compiled(h.to(xla_device())).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            torch_xla.sync()
+        reference(h, python=True).square().sum().backward()
+        reference_optimizer.step()
+        reference_optimizer.zero_grad()
+        if step > 0:
+            assert (delta.compiles, delta.host_syncs, delta.transfers_from_device) == (0, 0, 0)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            assert_same(p.detach(), q.detach(), rtol=1e-5, atol=1e-5)
