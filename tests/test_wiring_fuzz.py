@@ -15,7 +15,7 @@ import os
 import torch
 import torch_xla
 from hypothesis import given, note
-from loop_testing import MetricsDelta, fuzz_settings, xla_device
+from loop_testing import MetricsDelta, fullgraph, fuzz_settings, xla_device
 from wiring_programs import Family, families
 
 import xla_loop_backend
@@ -43,7 +43,7 @@ def check_family(family: Family) -> None:
     expected = [m.function(xla_loop_backend, i)(*args) for i, m in enumerate(family.members)]
     compiled = {}
     for i in family.order:
-        compiled[i] = torch.compile(family.members[i].function(xla_loop_backend, i), backend="xla_loop", fullgraph=True)
+        compiled[i] = torch.compile(family.members[i].function(xla_loop_backend, i), backend="xla_loop", fullgraph=fullgraph(family.seed))
         _check(family, i, compiled[i](*device_args), expected[i])
     for i in family.again:
         with MetricsDelta() as delta:
@@ -62,7 +62,7 @@ def _check(family: Family, i: int, actual: torch.Tensor, expected: torch.Tensor)
 @fuzz_settings(WIRING_FUZZ_FAMILIES, WIRING_FUZZ_SEED)
 @given(families())
 def test_programs_one_change_apart_each_get_their_own_results(family):
-    note(f"family (seed {family.seed}, order {family.order}, again {family.again}):\n{family.describe()}")
+    note(f"family (seed {family.seed}, order {family.order}, again {family.again}, fullgraph={fullgraph(family.seed)}):\n{family.describe()}")
     check_family(family)
     if FUZZ_LOG:
         with open(FUZZ_LOG, "a") as log:
