@@ -136,7 +136,7 @@ def scan_layers(layers: Iterable[torch.nn.Module], input_data: Any, *, name: str
     if not layers:
         return input_data
     loop = name or layers_loop_name(layers)
-    owners = _weight_owners(layers[0])
+    owners = weight_owners(layers[0])
     check_layers(loop, layers, owners)
     return scan_stacked_layers(layers, input_data, owners, loop)
 
@@ -180,7 +180,7 @@ def _at(module: Any, path: Sequence[str]) -> Any:
     return module
 
 
-def _weight_owners(layer: torch.nn.Module) -> list[tuple[str, list[str]]]:
+def weight_owners(layer: torch.nn.Module) -> list[tuple[str, list[str]]]:
     """The modules in `layer` that hold parameters or buffers themselves: (path, their names)."""
     owners = []
     for prefix, module in layer.named_modules(remove_duplicate=False):

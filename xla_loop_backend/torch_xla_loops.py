@@ -137,7 +137,7 @@ def _checked_layers(tx: Any, args: list, kwargs: dict) -> tuple[Callable[..., An
     `scan_layers` as it is."""
     from torch._dynamo.variables import ConstantVariable
 
-    from .api import _weight_owners, check_layers, layers_loop_name, scan_stacked_layers
+    from .api import check_layers, layers_loop_name, scan_stacked_layers, weight_owners
 
     if len(args) != 2 or set(kwargs) - {"name"}:
         return None
@@ -149,7 +149,7 @@ def _checked_layers(tx: Any, args: list, kwargs: dict) -> tuple[Callable[..., An
         return None
     layers, sources = found
     loop = (name.as_python_constant() if name is not None else None) or layers_loop_name(layers)
-    owners = _weight_owners(layers[0])
+    owners = weight_owners(layers[0])
     check_layers(loop, layers, owners)
     constant = ConstantVariable.create
     owned = tuple((prefix, tuple(names)) for prefix, names in owners)
