@@ -78,9 +78,11 @@ class StackedOnce:
     """Inference with repeated layers: the stacked weights are inputs of the graph
     (`passes/stacked_inputs.py`), stacked here on the first call and kept while the layers'
     parameters stay the same, so a call copies no weights. A parameter counts as the same
-    while its XLA tensor is (an in-place update, `copy_`, `load_state_dict` or assigning
-    `.data` gives it a new one) and its version counter has not moved. The stacks are
-    computed on the device as a graph of their own (compiled once per set of shapes)."""
+    while it holds the same device buffer, computed (a pending in-place update, `copy_`,
+    `load_state_dict` or assigning `.data` gives it another), and its version counter has
+    not moved. (Not torch_xla's tensor id: tracing a graph gives its arguments new XLA
+    tensors on the same buffers, `executable._forget_ir`.) The stacks are computed on the
+    device as a graph of their own (compiled once per set of shapes)."""
 
     def __init__(self, compiled: Callable[..., Any], groups: list[tuple[int, ...]]):
         self.compiled, self.groups = compiled, groups
@@ -89,7 +91,7 @@ class StackedOnce:
 
     def __call__(self, *args: Any) -> Any:
         key = _identity(args, self.groups)
-        if key != self.key:
+        if key is None or key != self.key:
             self.stacks = stacked_inputs(args, self.groups)
             self.key = key
             metrics.increment(metrics.LAYER_STACKINGS)
@@ -112,13 +114,18 @@ def stacked_inputs(args: Sequence[Any], groups: list[tuple[int, ...]]) -> list[t
     return stacks
 
 
-def _identity(args: Sequence[Any], groups: list[tuple[int, ...]]) -> tuple[Any, ...]:
+def _identity(args: Sequence[Any], groups: list[tuple[int, ...]]) -> tuple[Any, ...] | None:
+    """What the stacked tensors are now: (device buffer or object, version) each; None while
+    one of them is still computing (then they are stacked again)."""
     import torch_xla
 
-    tensor_id = torch_xla._XLAC._xla_get_tensor_id
-    return tuple(
-        (tensor_id(t) if t.device.type == "xla" else id(t), t._version) for group in groups for t in (args[i] for i in group)
-    )
+    xla = torch_xla._XLAC
+    tensors = [args[i] for group in groups for i in group]
+    on_device = [t for t in tensors if t.device.type == "xla"]
+    if on_device and any(xla._check_tensor_need_materialization(on_device)):
+        return None
+    handles = iter(xla._get_tensors_handle(on_device) if on_device else ())
+    return tuple((next(handles) if t.device.type == "xla" else id(t), t._version) for t in tensors)
 
 
 class GraphCall:
