@@ -17,7 +17,7 @@ from xla_loop_backend.traversal import GraphPass, unchanged
 
 def test_the_passes_in_order():
     assert [p.name for p in pipeline.BEFORE_AUTOGRAD] == ["roll_layers", "unalias", "while_loops", "reports", "remat", "stacked_inputs"]
-    assert [p.name for p in pipeline.AFTER_AUTOGRAD] == ["on_device", "torch_xla_fixes", "stacked_results"]
+    assert [p.name for p in pipeline.AFTER_AUTOGRAD] == ["on_device", "torch_xla_fixes", "reversed_scans", "stacked_results"]
     # every pass before AOTAutograd says what it does with each kind of loop
     for graph_pass in pipeline.BEFORE_AUTOGRAD:
         assert {"while_loop", "scan", "map", "cond", "invoke_subgraph"} <= set(graph_pass.rules), graph_pass.name

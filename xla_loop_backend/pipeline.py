@@ -15,6 +15,7 @@
       │  AFTER_AUTOGRAD, on each graph
       │    on_device         tensors the graph makes on the CPU are made on the device
       │    torch_xla_fixes   rewrites around torch_xla ops that give wrong results
+      │    reversed_scans    a scan over flipped xs reads them from the end (no copies)
       │    stacked_results   results selected from one stack are split in one op
       │  lowering driver     control-flow nodes -> lowering rules (one XLA While each)
       ▼
@@ -44,6 +45,8 @@ Ordering constraints:
   makes, forward and backward, has its CPU tensors moved before anything runs it.
 - `torch_xla_fixes` before the lowering driver: it rewrites ops inside loop bodies, which
   the driver stages as XLA computations.
+- `reversed_scans` after `on_device` (a flip of a CPU constant is made on the device
+  first) and before `stacked_results`, whose stacks are then the scan's own ys, unflipped.
 - `stacked_results` last after AOTAutograd: it reads the graph's results as AOTAutograd
   made them (a backward's gradients), and only the top-level graph's.
 
@@ -70,11 +73,13 @@ from .fallback import warn_host_loop
 from .lowering.driver import lower_loops
 from .options import Options, PassContext
 from . import indexing, torch_xla_loops
-from .passes import on_device, reports, remat, roll_layers, stacked_inputs, stacked_results, torch_fixes, torch_xla_fixes, unalias, while_loops
+from .passes import (
+    on_device, reports, remat, reversed_scans, roll_layers, stacked_inputs, stacked_results, torch_fixes, torch_xla_fixes, unalias, while_loops,
+)
 
 BEFORE_AUTOGRAD = (roll_layers.PASS, unalias.PASS, while_loops.PASS, reports.PASS, remat.PASS, stacked_inputs.PASS)
 OP_FIXES = torch_fixes.OP_FIXES
-AFTER_AUTOGRAD = (on_device.PASS, torch_xla_fixes.PASS, stacked_results.PASS)
+AFTER_AUTOGRAD = (on_device.PASS, torch_xla_fixes.PASS, reversed_scans.PASS, stacked_results.PASS)
 
 # Dynamo's tracing taught what xla_loop lowers (indexing with a loop counter in bodies,
 # torch_xla's loop functions), and to say which of torch's control-flow ops it was tracing

@@ -2,7 +2,9 @@
 -> one XLA `While`, never unrolled.
 
 Dynamo has already moved the scanned dimension to 0 and flipped reversed inputs and outputs
-around the node, so the rule scans forward over dim 0. The While's state is (step counter,
+around the node, so the rule scans forward over dim 0; `scan_from_the_end`, which the
+`reversed_scans` pass puts in place of a scan over flipped xs, reads and writes step i at
+`length - 1 - i` instead (no flip, no copy). The While's state is (step counter,
 carries, stacked outputs, xs, additional inputs, then what combine_fn captured). Each
 iteration reads slice i of every xs with a dynamic slice and writes the step's outputs
 into slice i of preallocated buffers with a dynamic update slice, so memory is one copy of
@@ -19,9 +21,23 @@ import torch_xla.core.xla_builder as xb
 
 from .. import metrics
 from ..errors import LoopLoweringError, describe_value, loop_name
+from ..ops import register
 from .sharding import shardings_of, stacks_like_carries
 from .subgraph import SubgraphInterpreter, stage_computation
 from .state import ControlFlowState, as_state_tensor, check_new_carries
+
+
+def scan_from_the_end(combine_fn: Any, init: Any, xs: Any, additional_inputs: Any) -> list[torch.Tensor]:
+    """`scan_op` over the xs read from their last slice to their first, each step's ys
+    written at the same place: the scan over flipped xs, its ys flipped back. (What it
+    computes, run as it is; the lowering reads the xs from the end instead.)"""
+    from torch._higher_order_ops.scan import scan_op
+
+    out = list(scan_op(combine_fn, list(init), [x.flip(0) for x in xs], tuple(additional_inputs)))
+    return out[: len(init)] + [y.flip(0) for y in out[len(init) :]]
+
+
+register(scan_from_the_end, torch.ops.higher_order.scan)
 
 
 def lower_scan(
@@ -32,7 +48,8 @@ def lower_scan(
     additional_inputs: Sequence[Any],
 ) -> tuple[torch.Tensor, ...]:
     """Run a scan as one XLA While on lazy XLA tensors: returns (*final carries, *stacked ys)."""
-    return _lower_scan_like(loop_name("scan", node), node, "combine_fn", combine_fn, init, xs, additional_inputs)
+    reverse = node is not None and node.target is scan_from_the_end
+    return _lower_scan_like(loop_name("scan", node), node, "combine_fn", combine_fn, init, xs, additional_inputs, reverse)
 
 
 def lower_map(
@@ -50,6 +67,7 @@ def _lower_scan_like(
     init: Sequence[Any],
     xs: Sequence[Any],
     additional_inputs: Sequence[Any],
+    reverse: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     metrics.increment(metrics.LOOPS_LOWERED)
     carries = [as_state_tensor(name, i, c, what="init") for i, c in enumerate(init)]
@@ -91,9 +109,10 @@ def _lower_scan_like(
 
     def body_fn(values: list[xb.Op]) -> list[xb.Op]:
         i = values[step]
+        at = xb.Op.scalar(i.builder(), length - 1, dtype=xb.Type.S64) - i if reverse else i
         inputs = (
             [values[k] for k in carry_at]
-            + [_dynamic_slice(values[k], i) for k in xs_at]
+            + [_dynamic_slice(values[k], at) for k in xs_at]
             + [values[k] for k in extras_at]
         )
         result = combine_call.call(values, inputs)
@@ -102,14 +121,15 @@ def _lower_scan_like(
         for j, k in enumerate(carry_at):
             new[k] = result.get_tuple_element(j)
         for j, k in enumerate(ys_at):
-            new[k] = _dynamic_update_slice(values[k], result.get_tuple_element(num_carries + j), i)
+            new[k] = _dynamic_update_slice(values[k], result.get_tuple_element(num_carries + j), at)
         return new
 
     final = state.build("scan", cond_fn, body_fn)
     from . import report_lowered
 
     kind = "map" if fn_name == "f" else "scan"
-    report_lowered(name, kind, "one XLA While (xs read and ys written by dynamic slices)", f"static, {length}", carries)
+    how = "from the last slice to the first" if reverse else "by dynamic slices"
+    report_lowered(name, kind, f"one XLA While (xs read and ys written {how})", f"static, {length}", carries)
     return tuple(final[k] for k in carry_at + ys_at)
 
 
