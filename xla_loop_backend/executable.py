@@ -254,12 +254,15 @@ def _on_its_buffer(a: torch.Tensor) -> torch.Tensor:
 def _forget_ir(a: torch.Tensor) -> None:
     """Put `a` back on its buffer with no IR node, as it was before its buffer was looked up.
 
-    Looking up a tensor's buffer gives the tensor an IR node holding that buffer
-    (torch_xla's `XLATensor::GetIrValue` keeps the node it makes). A buffer so held is not
-    donated, so the next graph that updates `a` in place (an optimizer step after the first
-    backward) compiled without that donation, and the step after compiled it again with it.
-    `a` now holds a tensor of its own on the same buffer (its sharding carried over), which
-    shares nothing with the stand-in being traced."""
+    Looking up a tensor's buffer gives the tensor an IR node on it (torch_xla's
+    `XLATensor::GetIrValue` keeps the node it makes); tracing on the stand-in then writes
+    the stand-in's id into the buffer's info (`CreateTensorNode`). The next graph that
+    updated `a` in place (an optimizer step after the first backward) reused `a`'s node,
+    whose buffer names another tensor, so torch_xla did not donate the buffer: that graph
+    compiled without the donation, and on the step after again with it. With no node, `a`
+    makes a new one when next used, naming itself. `a` now holds a tensor of its own on the
+    same buffer (its sharding carried over: a new torch_xla tensor id, the same buffer),
+    which shares nothing with the stand-in being traced."""
     import torch_xla
 
     xla = torch_xla._XLAC
