@@ -186,3 +186,29 @@ def test_the_stand_in_run_as_it_is_is_the_flipped_scan():
     c, ys = scan_op(combine, init, [xs[0].flip(0)], ())
     ours = scan_from_the_end(combine, init, xs, ())
     assert_same(ours, [c, ys.flip(0)])
+
+
+def test_a_reversed_scan_in_a_loop_body_reads_from_the_end_too():
+    """The pass runs at every depth: a `reverse=True` scan inside a while_loop's body (a
+    counter made without device=) has no flip in the program, and eager's values."""
+
+    def fn(n, init, xs, w):
+        def body(i, c):
+            def step(h, x):
+                h = torch.tanh(h * w + x)
+                return h, h
+
+            h, _ = scan(step, c, xs, reverse=True)
+            return i + 1, h
+
+        return xl.while_loop(lambda i, c: i < n, body, (torch.zeros((), dtype=torch.int64), init))[1]
+
+    init, xs, w = torch.randn(3), torch.randn(4, 3), torch.randn(3)
+    expected = init
+    for _ in range(3):  # (the Python loops on the CPU)
+        for i in reversed(range(4)):
+            expected = torch.tanh(expected * w + xs[i])
+    args = [torch.tensor(3).to(xla_device()), *[t.to(xla_device()) for t in (init, xs, w)]]
+    (hlo,) = lowered_hlo(fn, *args)
+    assert hlo.count(" while(") == 2 and " reverse(" not in hlo
+    assert_same(xl.compile(fn)(*args).cpu(), expected, rtol=1e-5, atol=1e-5)
