@@ -2,8 +2,9 @@
 the XLA device, compare, and count what torch_xla did (compiles, host transfers)."""
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.utils._pytree as pytree
@@ -107,6 +108,28 @@ def fuzz_settings(examples: int, seed_value: str | None) -> Callable:
         return seed(int(seed_value))(test) if seed_value is not None else test
 
     return apply
+
+
+@contextlib.contextmanager
+def graphs_as_lowered() -> Iterator[list[torch.fx.GraphModule]]:
+    """Within: each graph the lowering driver gets (forward, then backward once it runs),
+    after the passes, copied before the driver lowers its loops in place."""
+    from unittest import mock
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from xla_loop_backend import pipeline
+
+    graphs: list[torch.fx.GraphModule] = []
+    lower = pipeline.lower_loops
+
+    def keep(gm: torch.fx.GraphModule) -> Any:
+        with unset_fake_temporarily():  # (AOTAutograd compiles under its fake mode)
+            graphs.append(copy.deepcopy(gm))
+        return lower(gm)
+
+    with mock.patch.object(pipeline, "lower_loops", keep):
+        yield graphs
 
 
 def fullgraph(program_seed: int) -> bool:

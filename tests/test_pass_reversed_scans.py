@@ -4,16 +4,14 @@ scan), with the same results and gradients as the Python loop on the CPU."""
 from __future__ import annotations
 
 import copy
-from unittest import mock
 
 import pytest
 import torch
 import torch_xla
-from loop_testing import assert_same, xla_device
+from loop_testing import assert_same, graphs_as_lowered, xla_device
 from torch._higher_order_ops.scan import scan
 
 import xla_loop_backend as xl
-from xla_loop_backend import pipeline
 from xla_loop_backend.inspect import lowered_hlo
 from xla_loop_backend.lowering.scan import scan_from_the_end
 
@@ -34,21 +32,6 @@ def _reverse_scan(init, xs, w):
         return c, c * 2
 
     return scan(step, init, xs, reverse=True)
-
-
-def _graphs_after_the_passes(fn, *args):
-    """The graphs (forward, then backward once it runs) as the lowering driver gets them."""
-    graphs = []
-    lower = pipeline.lower_loops
-
-    def keep(gm):
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-        with unset_fake_temporarily():  # (AOTAutograd compiles under its fake mode)
-            graphs.append(copy.deepcopy(gm))
-        return lower(gm)
-
-    return graphs, mock.patch.object(pipeline, "lower_loops", keep)
 
 
 def _calls(gm, target):
@@ -78,8 +61,7 @@ def test_ys_read_unflipped_and_flipped_keep_their_values():
 
     init, xs, w = torch.randn(3), torch.randn(5, 3), torch.randn(3)
     c, ys_from_the_end = _python_scan_from_the_end(init, xs, w)
-    graphs, patch = _graphs_after_the_passes(fn)
-    with patch:
+    with graphs_as_lowered() as graphs:
         actual = xl.compile(fn, fullgraph=True)(*[t.to(xla_device()) for t in (init, xs, w)])
     (forward,) = graphs
     assert len(_calls(forward, scan_from_the_end)) == 1 and len(_calls(forward, FLIP)) == 1  # (the ys read as they were)
@@ -100,8 +82,7 @@ def test_a_scan_with_xs_not_all_flipped_is_left_as_it_is():
     for x, y in zip(xs.flip(0), xs):
         c = torch.tanh(c * w + x * y)
         ys.append(c)
-    graphs, patch = _graphs_after_the_passes(fn)
-    with patch:
+    with graphs_as_lowered() as graphs:
         actual = xl.compile(fn, fullgraph=True)(*[t.to(xla_device()) for t in (init, xs, w)])
     (forward,) = graphs
     assert not _calls(forward, scan_from_the_end) and _calls(forward, FLIP)
@@ -131,8 +112,7 @@ def test_the_backward_scan_reads_the_stored_steps_from_the_end(reverse):
     (c.sum() + torch.stack(ys).square().sum()).backward()
 
     xs_dev, w_dev = xs.to(xla_device()).requires_grad_(), w.to(xla_device()).requires_grad_()
-    graphs, patch = _graphs_after_the_passes(fn)
-    with patch:
+    with graphs_as_lowered() as graphs:
         loss = xl.compile(fn)(init.to(xla_device()), xs_dev, w_dev)  # (default options, as users)
         loss.backward()
         torch_xla.sync()
@@ -165,8 +145,7 @@ def test_scan_layers_backward_copies_no_weight_to_flip_it():
         out = layer(out)
     (out * 0.5).square().sum().backward()
     model.to(xla_device())
-    graphs, patch = _graphs_after_the_passes(None)
-    with patch:
+    with graphs_as_lowered() as graphs:
         xl.compile(model)(h.to(xla_device())).square().sum().backward()
         torch_xla.sync()
     _, backward = graphs

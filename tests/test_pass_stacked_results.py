@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import operator
 
-from unittest import mock
 
 import torch
 import torch.fx
-from loop_testing import assert_same, xla_device
+from loop_testing import assert_same, graphs_as_lowered, xla_device
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import xla_loop_backend as xl
-from xla_loop_backend import pipeline
 from xla_loop_backend.passes.stacked_results import PASS as STACKED_RESULTS
 
 aten = torch.ops.aten
@@ -103,17 +101,10 @@ def test_gradients_of_a_stack_in_a_scan_leave_the_backward_as_dynamic_slices_and
         out = torch.tanh(layer(out))
     out.square().sum().backward()
 
-    results = []
-    lower = pipeline.lower_loops
-
-    def keep(gm):
-        results.append(list(_results(gm)))
-        return lower(gm)
-
     model = model.to(xla_device())
-    with mock.patch.object(pipeline, "lower_loops", keep):
+    with graphs_as_lowered() as graphs:
         xl.compile(model, fullgraph=True)(h.to(xla_device())).square().sum().backward()
-    forward, backward = results
+    forward, backward = [list(_results(gm)) for gm in graphs]
     gradients = [r for r in backward if isinstance(r, torch.fx.Node)]
     assert not [r for r in gradients if r.target is aten.select.int]
     assert sum(r.target is operator.getitem and r.args[0].target is UNSTACK for r in gradients) == 8

@@ -4,15 +4,13 @@ layer's slice is one computation. Values and gradients against torch.stack on th
 from __future__ import annotations
 
 import copy
-from unittest import mock
 
 import torch
 import torch.fx
 import torch_xla
-from loop_testing import assert_same, xla_device
+from loop_testing import assert_same, graphs_as_lowered, xla_device
 
 import xla_loop_backend as xl
-from xla_loop_backend import pipeline
 from xla_loop_backend.inspect import lowered_hlo
 
 stack_layers = torch.ops.xla_loop.stack_layers
@@ -74,15 +72,8 @@ def test_scan_layers_backward_splits_each_weights_gradient_in_one_op():
         out = layer(out)
     out.square().sum().backward()
 
-    graphs = []
-    lower = pipeline.lower_loops
-
-    def keep(gm):
-        graphs.append(gm)
-        return lower(gm)
-
     model = model.to(xla_device())
-    with mock.patch.object(pipeline, "lower_loops", keep):
+    with graphs_as_lowered() as graphs:
         xl.compile(model, fullgraph=True)(h.to(xla_device())).square().sum().backward()
     forward, backward = graphs
     assert len(forward.graph.find_nodes(op="call_function", target=stack_layers.default)) == 2  # weight, bias

@@ -56,7 +56,7 @@ def _read_ys_reversed(graph: torch.fx.Graph, ys: torch.fx.Node) -> None:
     """`ys` is now the old ys flipped: its flips read it as it is, other users get it flipped."""
     others = []
     for user in list(ys.users):
-        if _flipped_along_0(user) and user.args[0] is ys:
+        if _flipped_along_0(user):  # (a flip's one tensor operand: ys)
             user.replace_all_uses_with(ys)
             graph.erase_node(user)
         else:
